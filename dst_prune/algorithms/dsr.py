@@ -1,0 +1,120 @@
+"""Dynamic Sparse Reparameterization (Mostafa & Wang, ICML 2019, Algorithm 1)."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..distributions import apportion
+from ..errors import DSTError
+from .base import SparseAlgorithm, random_positions
+
+__all__ = ["DSR"]
+
+logger = logging.getLogger(__name__)
+
+
+class DSR(SparseAlgorithm):
+    """DSR: prune by one global magnitude threshold that adapts, regrow in proportion to survivors.
+
+    Every reallocation (Mostafa & Wang 2019, Algorithm 1, lines 6-17):
+
+    1. `prune_by_threshold`: in every sparse tensor `l`, deactivate the active weights with `|w| < H`;
+       `K_l` are pruned and `R_l` survive (the strongest weight of a tensor is kept if all fall below
+       `H`, so no tensor is ever emptied).
+    2. `adjust_pruning_threshold`: with `K = target_fraction_to_prune * N` (`N` sparse parameters),
+       `H <- 2H` if `sum K_l < (1 - delta) K`, `H <- H / 2` if `sum K_l > (1 + delta) K`.
+    3. `reallocate_free_parameters`: tensor `l` gets `sum_k K_k * R_l / sum_k R_k` of the freed budget
+       (largest-remainder rounding, so exactly `sum K_l` are regrown), grown at random inactive
+       positions that were not pruned in this same update, at value zero.
+
+    Args:
+        target_fraction_to_prune: `K` as a fraction of the sparse parameters (paper: 0.01).
+        pruning_threshold: the initial threshold `H` (paper: 0.001).
+        delta: the fractional tolerance around `K` (paper: 0.1).
+    """
+
+    name = "dsr"
+
+    def __init__(self, target_fraction_to_prune: float = 1e-2, pruning_threshold: float = 1e-3,
+                 delta: float = 0.1) -> None:
+        super().__init__()
+        checks = {
+            "target_fraction_to_prune": (target_fraction_to_prune, lambda v: 0 < v <= 1, "in (0, 1]"),
+            "pruning_threshold": (pruning_threshold, lambda v: v > 0, "> 0"),
+            "delta": (delta, lambda v: 0 <= v < 1, "in [0, 1)"),
+        }
+        for argument, (value, ok, expected) in checks.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
+                raise DSTError(f"{argument} must be a number {expected}; received {value!r}.")
+        self.target_fraction_to_prune = float(target_fraction_to_prune)
+        self.threshold = float(pruning_threshold)
+        self.delta = float(delta)
+        self._pruned: list[torch.Tensor] | None = None  # positions pruned in the update under way
+        self._freed: list[int] = []
+        self._surviving: list[int] = []
+
+    @property
+    def target_count(self) -> int:
+        """`K`: the number of weights each reallocation aims to prune."""
+        return round(self.target_fraction_to_prune * self.controller.n_sparse)
+
+    def reparameterize(self) -> None:
+        self.prune_by_threshold()
+        self.adjust_pruning_threshold()
+        self.reallocate_free_parameters()
+
+    def prune_by_threshold(self) -> int:
+        """Step 1: prune the active weights below the threshold. Returns the number pruned."""
+        self._pruned, self._freed, self._surviving = [], [], []
+        for layer, target in enumerate(self.targets):
+            mask = target.mask
+            magnitude = target.orig.detach().abs()
+            below = mask & (magnitude < self.threshold)
+            active = int(mask.sum())
+            if active and int(below.sum()) == active:  # keep the strongest weight: never empty a tensor
+                strongest = magnitude.masked_fill(~mask, -1).reshape(-1).argmax()
+                keep = torch.zeros(mask.numel(), dtype=torch.bool, device=mask.device)
+                keep[strongest] = True
+                below &= ~keep.view(mask.shape)
+            freed = self.prune(layer, below)
+            self._pruned.append(below)
+            self._freed.append(freed)
+            self._surviving.append(active - freed)
+        return sum(self._freed)
+
+    def adjust_pruning_threshold(self) -> float:
+        """Step 2: double or halve `H` depending on how many were pruned. Returns the new threshold."""
+        if self._pruned is not None:
+            freed, target = sum(self._freed), self.target_count
+            if freed < (1 - self.delta) * target:
+                self.threshold *= 2
+            elif freed > (1 + self.delta) * target:
+                self.threshold /= 2
+        return self.threshold
+
+    def reallocate_free_parameters(self) -> int:
+        """Step 3: regrow the freed budget in proportion to the survivors. Returns the number grown."""
+        if self._pruned is None:
+            return 0
+        pruned, freed, surviving = self._pruned, sum(self._freed), self._surviving
+        self._pruned = None
+        room = [t.numel - r - k for t, r, k in zip(self.targets, surviving, self._freed)]
+        reuse_pruned = freed > sum(room)
+        if reuse_pruned:  # denser than 50%: not enough never-pruned zeros, so reuse just-pruned slots too
+            logger.warning("DSR: %d weights freed but only %d inactive positions were not just pruned; "
+                           "regrowing some at positions pruned in this update", freed, sum(room))
+            room = [t.numel - r for t, r in zip(self.targets, surviving)]
+        counts = apportion(freed, surviving, room)
+        grown = 0
+        for layer, (target, count) in enumerate(zip(self.targets, counts)):
+            candidates = ~target.mask if reuse_pruned else ~(target.mask | pruned[layer])
+            grown += self.grow(layer, random_positions(candidates, count, self.generator(layer)))
+        return grown
+
+    def state_dict(self) -> dict:
+        return {"threshold": self.threshold}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.threshold = float(state["threshold"])

@@ -1,0 +1,231 @@
+"""The entry points: `apply`, `remove`, `load_sparse_state_dict`.
+
+Every argument is validated, the targets chosen and the initial masks computed before the model is
+touched; if attaching fails anyway, the model is restored exactly (parameter order included).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .algorithms import SparseAlgorithm, create_algorithm
+from .algorithms.base import INIT_STREAM, derive_seed
+from .distributions import DISTRIBUTIONS, layer_budgets
+from .errors import DSTError
+from .masking import attach, attach_readers, direct_readers, is_sparse, make_permanent
+from .schedules import UpdateSchedule
+from .sparsity import DynamicSparsity
+from .targets import NameFilter, TargetSpec, find_targets
+
+__all__ = ["INITS", "apply", "load_sparse_state_dict", "remove"]
+
+logger = logging.getLogger(__name__)
+
+INITS = ("magnitude", "random")
+
+
+def _check_model(model: object) -> nn.Module:
+    if not isinstance(model, nn.Module):
+        raise DSTError(f"model must be a torch.nn.Module; received {type(model).__name__}.")
+    if isinstance(model, torch.jit.ScriptModule):
+        raise DSTError("model is a TorchScript module; apply dst_prune to the eager model, then script it.")
+    if is_sparse(model):
+        raise DSTError("model is already sparse (dst_prune masks are attached). Keep using its controller, "
+                       "call dst_prune.remove(model) first, or load a checkpoint with load_sparse_state_dict.")
+    return model
+
+
+def _check_number(value: object, argument: str, low: float, high: float, expected: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value < high:
+        raise DSTError(f"{argument} must be a number {expected}; received {value!r}.")
+    return float(value)
+
+
+def _check_choice(value: object, argument: str, choices: Sequence[str]) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise DSTError(f"{argument}={value!r} is unknown; valid choices: {', '.join(choices)}.")
+    return value
+
+
+def _check_seed(seed: object) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise DSTError(f"seed must be a non-negative integer; received {seed!r}.")
+    return seed
+
+
+def initial_mask(param: torch.Tensor, count: int, init: str, generator: torch.Generator) -> torch.Tensor:
+    """A bool mask of `param`'s shape and memory format with exactly `count` True entries.
+
+    `magnitude` keeps the `count` largest `|w|` (ties to the lower flat index); `random` draws the
+    positions uniformly from `generator` (on the CPU, so the mask is the same on every device).
+    """
+    flat = param.detach().reshape(-1)
+    if init == "magnitude":
+        keep = torch.argsort(flat.abs(), descending=True, stable=True)[:count]
+    else:
+        keep = torch.randperm(flat.numel(), generator=generator)[:count].to(flat.device)
+    mask = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
+    mask[keep] = True
+    return torch.empty_like(param, dtype=torch.bool).copy_(mask.view(param.shape))
+
+
+def _attach_all(model: nn.Module, specs: list[TargetSpec], masks: list[torch.Tensor], algorithm: SparseAlgorithm, *,
+                schedule: UpdateSchedule, seed: int, budget: int, optimizer: object,
+                config: dict) -> DynamicSparsity:
+    """Attach every mask, or none: on failure the touched modules are restored exactly."""
+    readers = direct_readers(model, specs)
+    touched = {id(m): m for m in (model.get_submodule(s.module_name) for s in specs)}
+    touched.update({id(m): m for m in (model.get_submodule(n) for n in readers)})
+    saved = {key: (dict(m._parameters), dict(m._buffers), dict(m._forward_pre_hooks), dict(m._forward_hooks),
+                   set(m.__dict__)) for key, m in touched.items()}
+    try:
+        targets = [attach(model, spec, mask) for spec, mask in zip(specs, masks)]
+        attach_readers(model, readers)
+        for target in targets:  # only now, when nothing can fail any more, zero the masked weights
+            with torch.no_grad():
+                target.orig.masked_fill_(~target.mask, 0)
+            target.refresh()
+    except BaseException:
+        for key, module in touched.items():
+            params, buffers, pre_hooks, hooks, attributes = saved[key]
+            for current, old in ((module._parameters, params), (module._buffers, buffers),
+                                 (module._forward_pre_hooks, pre_hooks), (module._forward_hooks, hooks)):
+                current.clear()
+                current.update(old)
+            for attribute in set(module.__dict__) - attributes:
+                del module.__dict__[attribute]
+            if isinstance(module, nn.RNNBase):
+                module._init_flat_weights()
+        raise
+    controller = DynamicSparsity(model, targets, algorithm, schedule=schedule, seed=seed, budget=budget,
+                                 optimizer=optimizer, config=config)
+    logger.info("dst_prune: %s on %d tensors, %d of %d weights active (sparsity %.4f)", algorithm.name,
+                len(targets), budget, controller.n_sparse, 1 - budget / controller.n_sparse)
+    return controller
+
+
+def apply(model: nn.Module, *, sparsity: float, method: str = "dsr", distribution: str = "uniform",
+          include: NameFilter = None, exclude: NameFilter = None, dense_stem_and_head: bool = True,
+          init: str = "magnitude", optimizer: object = None, update_every: int = 100,
+          total_steps: int | None = None, stop_step: int | None = None, double_at: Sequence[int] = (),
+          seed: int = 0, **hyperparameters: object) -> DynamicSparsity:
+    """Make `model` sparse in place and return the controller that keeps it so while it trains.
+
+    Args:
+        model: any `nn.Module` (timm, torchvision, your own). Modified in place, like
+            `torch.nn.utils.prune`: each sparse `weight` becomes `weight_orig` + bool `weight_mask`.
+        sparsity: the fraction of zeros among the sparse parameters, in [0, 1). Exactly
+            `round((1 - sparsity) * N)` weights stay active, for every distribution and every update.
+        method: the DST algorithm, one of `dst_prune.list_methods()`.
+        distribution: how the budget is split across layers: `uniform`, `er` or `erk`.
+        include: `None` for the default layers; else exactly the parameters it matches (a regex for
+            `re.fullmatch`, or a list of names or `.`-suffixes of names).
+        exclude: parameters to keep dense, in the same forms.
+        dense_stem_and_head: keep the stem conv and the classifier dense (default selection only).
+        init: `magnitude` keeps each layer's largest weights (a pretrained model keeps its function);
+            `random` draws the initial mask at random, as the papers do from scratch.
+        optimizer: its state is zeroed at pruned and regrown positions (also settable later as
+            `controller.optimizer`); an accelerate-wrapped optimizer works.
+        update_every: reallocate every this many optimizer steps (`controller.step()` calls).
+        total_steps: the length of training in optimizer steps, for methods whose schedule needs it.
+        stop_step: no reallocation at or after this step.
+        double_at: steps from which the reallocation period doubles (the DSR paper's recipes).
+        seed: seeds every random draw (initial mask, growth), so all ranks and resumed runs agree.
+        **hyperparameters: the method's own (DSR: `target_fraction_to_prune`, `pruning_threshold`,
+            `delta`).
+
+    Returns:
+        The `DynamicSparsity` controller.
+
+    Raises:
+        DSTError: any bad argument; the model is left untouched.
+    """
+    model = _check_model(model)
+    sparsity = _check_number(sparsity, "sparsity", 0.0, 1.0, "in [0, 1)")
+    distribution = _check_choice(distribution, "distribution", DISTRIBUTIONS)
+    init = _check_choice(init, "init", INITS)
+    seed = _check_seed(seed)
+    if total_steps is not None and (isinstance(total_steps, bool) or not isinstance(total_steps, int)
+                                    or total_steps < 1):
+        raise DSTError(f"total_steps must be None or a positive integer; received {total_steps!r}.")
+    schedule = UpdateSchedule(update_every=update_every, stop_step=stop_step, double_at=tuple(double_at))
+    algorithm = create_algorithm(method, hyperparameters)
+    specs = find_targets(model, include=include, exclude=exclude, dense_stem_and_head=dense_stem_and_head)
+    params = [model.get_submodule(s.module_name)._parameters[s.tensor_name] for s in specs]
+    counts = layer_budgets([p.shape for p in params], sparsity, distribution)
+    empty = [s.name for s, c in zip(specs, counts) if c == 0]
+    if empty:
+        raise DSTError(f"sparsity={sparsity} with distribution={distribution!r} would leave {empty[0]} (and "
+                       f"{len(empty) - 1} more) with no active weight. Lower the sparsity, use "
+                       f"distribution='erk', or exclude {empty[0]!r}.")
+    masks = [initial_mask(p, c, init, torch.Generator().manual_seed(derive_seed(seed, INIT_STREAM, i)))
+             for i, (p, c) in enumerate(zip(params, counts))]
+    if optimizer is not None:
+        DynamicSparsity.check_optimizer(optimizer)
+    config = {"sparsity": sparsity, "distribution": distribution, "init": init, "total_steps": total_steps,
+              "hyperparameters": dict(hyperparameters)}
+    return _attach_all(model, specs, masks, algorithm, schedule=schedule, seed=seed, budget=sum(counts),
+                       optimizer=optimizer, config=config)
+
+
+def remove(model: nn.Module) -> nn.Module:
+    """Make the sparsity permanent: every sparse `weight` becomes a plain Parameter with zeros in place.
+
+    The Parameter objects are kept (optimizer state stays valid); all dst_prune hooks are removed. The
+    result's `state_dict` loads into an untouched model of the same architecture.
+
+    Returns:
+        `model`, for chaining.
+    """
+    if not isinstance(model, nn.Module):
+        raise DSTError(f"model must be a torch.nn.Module; received {type(model).__name__}.")
+    if not make_permanent(model):
+        logger.warning("dst_prune.remove: the model has no dst_prune masks; nothing to remove")
+    return model
+
+
+def load_sparse_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, method: str = "dsr",
+                           optimizer: object = None, update_every: int = 100, seed: int = 0,
+                           **hyperparameters: object) -> DynamicSparsity:
+    """Load a sparse checkpoint into a fresh (dense) model without knowing how it was made sparse.
+
+    The sparse tensors are those with `<name>_orig` and `<name>_mask` entries in `state_dict`; they get
+    those masks, the whole state dict is loaded (strictly), and a controller keeping that exact number
+    of active weights is returned.
+
+    Raises:
+        DSTError: the state dict has no masks, or does not fit the model; the model is left untouched.
+    """
+    model = _check_model(model)
+    names = [k[: -len("_mask")] for k in state_dict if k.endswith("_mask") and k[: -len("_mask")] + "_orig"
+             in state_dict]
+    if not names:
+        raise DSTError("state_dict has no '<name>_orig'/'<name>_mask' pairs: it is not a sparse checkpoint. "
+                       "A dense state_dict loads with model.load_state_dict.")
+    own = model.state_dict()
+    expected = (set(own) - set(names)) | {n + "_orig" for n in names} | {n + "_mask" for n in names}
+    missing, unexpected = sorted(expected - set(state_dict)), sorted(set(state_dict) - expected)
+    if missing or unexpected:
+        raise DSTError(f"state_dict does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}. "
+                       f"Build the same architecture as the checkpoint's.")
+    for name in names:
+        if own[name].shape != state_dict[name + "_mask"].shape:
+            raise DSTError(f"{name}: the checkpoint's mask has shape {tuple(state_dict[name + '_mask'].shape)}, "
+                           f"the model's parameter {tuple(own[name].shape)}.")
+    schedule = UpdateSchedule(update_every=update_every)
+    algorithm = create_algorithm(method, hyperparameters)
+    specs = find_targets(model, include="|".join(map(re.escape, names)), dense_stem_and_head=False)
+    params = [model.get_submodule(s.module_name)._parameters[s.tensor_name] for s in specs]
+    masks = [torch.empty_like(p, dtype=torch.bool).copy_(state_dict[s.name + "_mask"]) for p, s in zip(params, specs)]
+    if optimizer is not None:
+        DynamicSparsity.check_optimizer(optimizer)
+    budget = sum(int(m.sum()) for m in masks)
+    controller = _attach_all(model, specs, masks, algorithm, schedule=schedule, seed=_check_seed(seed),
+                             budget=budget, optimizer=optimizer, config={"loaded": True})
+    model.load_state_dict(state_dict)
+    return controller

@@ -1,0 +1,57 @@
+"""When to reallocate: a pure function of the optimizer step, so a resumed run updates exactly as before.
+
+DSR (Mostafa & Wang 2019, sec. 4) reallocates every `update_every` iterations, doubles the period at
+given epochs and stops before the end of training; `UpdateSchedule` expresses that in steps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from .errors import DSTError
+
+__all__ = ["UpdateSchedule"]
+
+
+def _positive_int(value: object, argument: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise DSTError(f"{argument} must be a positive integer (a number of optimizer steps); received {value!r}.")
+    return value
+
+
+@dataclass(frozen=True)
+class UpdateSchedule:
+    """Reallocate at step `s` (counting completed optimizer steps from 1) when `s % period(s) == 0`.
+
+    Attributes:
+        update_every: the period at the start of training.
+        stop_step: no update at or after this step (`None`: never stop).
+        double_at: steps from which the period doubles (once per entry), e.g. the DSR paper's epochs
+            25, 80, 140 converted to steps.
+    """
+
+    update_every: int = 100
+    stop_step: int | None = None
+    double_at: Sequence[int] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        _positive_int(self.update_every, "update_every")
+        if self.stop_step is not None:
+            _positive_int(self.stop_step, "stop_step")
+        for step in self.double_at:
+            _positive_int(step, "double_at")
+        object.__setattr__(self, "double_at", tuple(sorted(self.double_at)))
+
+    def period(self, step: int) -> int:
+        """The reallocation period in force at `step`."""
+        return self.update_every * 2 ** sum(step >= d for d in self.double_at)
+
+    def is_update_step(self, step: int) -> bool:
+        """Whether a reallocation follows the optimizer step numbered `step` (1-based)."""
+        if step < 1 or (self.stop_step is not None and step >= self.stop_step):
+            return False
+        return step % self.period(step) == 0
+
+    def state_dict(self) -> dict:
+        return {"update_every": self.update_every, "stop_step": self.stop_step, "double_at": list(self.double_at)}

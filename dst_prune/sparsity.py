@@ -1,0 +1,229 @@
+"""`DynamicSparsity`: the controller that `dst_prune.apply` returns."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+import torch
+from prettytable import PrettyTable
+from torch import nn
+
+from . import stats
+from .algorithms.base import SparseAlgorithm
+from .distributed import check_sync
+from .errors import DSTError
+from .masking import SparseTarget, unwrap_optimizer
+from .schedules import UpdateSchedule
+
+__all__ = ["DynamicSparsity"]
+
+logger = logging.getLogger(__name__)
+
+STATE_FORMAT = "dst_prune.DynamicSparsity/1"
+
+
+class DynamicSparsity:
+    """Keeps a model's number of active weights fixed while an algorithm moves them around.
+
+    Created by `dst_prune.apply`. Call `step()` after every `optimizer.step()`; it reallocates when the
+    schedule says so. Masks live on the model (`<name>_mask` buffers), so the model's own `state_dict`
+    carries them; this object's `state_dict` carries the rest (step, update index, threshold, ...).
+
+    Attributes:
+        model: the model it controls.
+        targets: the sparse parameters, in registration order.
+        algorithm: the `SparseAlgorithm` doing the reallocation (`method=`).
+        schedule: when to reallocate.
+        optimizer: whose state is zeroed at pruned and regrown positions; may be set later.
+        seed: the seed of every random draw.
+        step_count: optimizer steps counted by `step()`.
+        update_index: reallocations done so far.
+        budget: the number of active weights, kept exactly.
+        history: one record per reallocation (step, per-layer active/pruned/grown counts, algorithm state).
+    """
+
+    def __init__(self, model: nn.Module, targets: list[SparseTarget], algorithm: SparseAlgorithm, *,
+                 schedule: UpdateSchedule, seed: int, budget: int, optimizer: object = None,
+                 config: dict | None = None) -> None:
+        self.model = model
+        self.targets = targets
+        self.algorithm = algorithm
+        self.schedule = schedule
+        self.seed = seed
+        self.budget = budget
+        self.config = dict(config or {})
+        self.step_count = 0
+        self.update_index = 0
+        self.history: list[dict] = []
+        self._optimizer = None
+        self.optimizer = optimizer
+        self._changes = self._no_changes()
+        algorithm.bind(self)
+
+    # --- configuration -------------------------------------------------------------------------
+    @property
+    def optimizer(self) -> object:
+        return self._optimizer
+
+    @staticmethod
+    def check_optimizer(optimizer: object) -> torch.optim.Optimizer | None:
+        """The `torch.optim.Optimizer` in `optimizer` (None for None); DSTError for anything else."""
+        inner = unwrap_optimizer(optimizer)
+        if optimizer is not None and inner is None:
+            raise DSTError(f"optimizer must be a torch.optim.Optimizer (or a wrapper of one, such as "
+                           f"accelerate's); received {type(optimizer).__name__}.")
+        return inner
+
+    @optimizer.setter
+    def optimizer(self, optimizer: object) -> None:
+        inner = self.check_optimizer(optimizer)
+        if inner is not None:
+            held = {id(p) for group in inner.param_groups for p in group["params"]}
+            missing = [t.name for t in self.targets if id(t.orig) not in held]
+            if missing:
+                logger.warning("the optimizer does not hold %d sparse parameters (e.g. %s); their state "
+                               "cannot be reset when they are pruned", len(missing), missing[0])
+        self._optimizer = optimizer
+
+    @property
+    def method(self) -> str:
+        return self.algorithm.name
+
+    @property
+    def n_sparse(self) -> int:
+        """The number of parameters in the sparse tensors, zeros included."""
+        return sum(t.numel for t in self.targets)
+
+    @property
+    def sparsity(self) -> float:
+        """The measured global sparsity: the fraction of inactive weights among the sparse parameters."""
+        return 1.0 - sum(t.active() for t in self.targets) / self.n_sparse
+
+    # --- training-loop API ---------------------------------------------------------------------
+    def step(self) -> bool:
+        """Count one optimizer step; reallocate if the schedule says so. Returns whether it did."""
+        self.step_count += 1
+        if self.schedule.is_update_step(self.step_count):
+            self.reparameterize()
+            return True
+        return False
+
+    def reparameterize(self) -> None:
+        """One reallocation now (for DSR: prune by threshold, adjust it, reallocate)."""
+        self._ensure_attached()
+        self.algorithm.reparameterize()
+        self._finish_update()
+
+    def prune_by_threshold(self) -> int:
+        """DSR step 1: prune the active weights below the global threshold. Returns how many."""
+        return self._dsr_step("prune_by_threshold")
+
+    def adjust_pruning_threshold(self) -> float:
+        """DSR step 2: double or halve the threshold. Returns the new threshold."""
+        return self._dsr_step("adjust_pruning_threshold")
+
+    def reallocate_free_parameters(self) -> int:
+        """DSR step 3: regrow the freed budget in proportion to the survivors. Returns how many."""
+        grown = self._dsr_step("reallocate_free_parameters")
+        self._finish_update()
+        return grown
+
+    def _dsr_step(self, name: str) -> object:
+        if not hasattr(self.algorithm, name):
+            raise DSTError(f"{name}() is a step of method='dsr'; this controller runs method={self.method!r}. "
+                           f"Call reparameterize() instead.")
+        self._ensure_attached()
+        return getattr(self.algorithm, name)()
+
+    def check_sync(self) -> bool:
+        """Whether all ranks hold identical masks; raises RuntimeError if not. True outside DDP."""
+        return check_sync(self.targets)
+
+    # --- inspection ----------------------------------------------------------------------------
+    @property
+    def sum_table(self) -> PrettyTable:
+        """`# total parameters | # sparse parameters | # dense parameters | # nonzero parameters in sparse |
+        sparsity`."""
+        return stats.sum_table(self.model, self.targets)
+
+    @property
+    def stats_table(self) -> PrettyTable:
+        """`Parameter tensor | # total | # nonzero | sparsity`, one row per sparse tensor."""
+        return stats.stats_table(self.targets)
+
+    def named_sparse_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """`(name, parameter)` for each sparse tensor: `layer1.0.conv1.weight` and its `weight_orig`."""
+        for t in self.targets:
+            yield t.name, t.orig
+
+    def sparse_parameters(self) -> Iterator[nn.Parameter]:
+        """The trainable `weight_orig` parameters of the sparse tensors."""
+        for _, param in self.named_sparse_parameters():
+            yield param
+
+    def masks(self) -> dict[str, torch.Tensor]:
+        """`{name: bool mask}` (the live buffers; do not write them)."""
+        return {t.name: t.mask for t in self.targets}
+
+    def __repr__(self) -> str:
+        return (f"DynamicSparsity(method={self.method!r}, sparsity={self.sparsity:.4f}, "
+                f"tensors={len(self.targets)}, step={self.step_count}, updates={self.update_index})")
+
+    # --- state ---------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Everything besides the model's own tensors that an exact resume needs (plain Python values)."""
+        return {
+            "format": STATE_FORMAT, "method": self.method, "targets": [t.name for t in self.targets],
+            "budget": self.budget, "seed": self.seed, "step_count": self.step_count,
+            "update_index": self.update_index, "schedule": self.schedule.state_dict(),
+            "algorithm": self.algorithm.state_dict(), "config": dict(self.config), "history": list(self.history),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore `state_dict()`; the model's state (weights, masks) is loaded separately."""
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+            raise DSTError(f"state is not a DynamicSparsity.state_dict() (format {STATE_FORMAT!r}).")
+        if state["method"] != self.method:
+            raise DSTError(f"state was saved by method={state['method']!r}; this controller runs "
+                           f"method={self.method!r}. Call dst_prune.apply with method={state['method']!r}.")
+        names = [t.name for t in self.targets]
+        if state["targets"] != names:
+            differ = sorted(set(state["targets"]) ^ set(names))[:5] or ["(same names, other order)"]
+            raise DSTError(f"state was saved for other sparse tensors (differ: {', '.join(differ)}). Apply "
+                           f"with the same include/exclude/dense_stem_and_head as the saved run.")
+        if state["budget"] != self.budget:
+            raise DSTError(f"state was saved with {state['budget']} active weights, this controller keeps "
+                           f"{self.budget}. Apply with the saved run's sparsity.")
+        self.seed, self.step_count, self.update_index = state["seed"], state["step_count"], state["update_index"]
+        self.schedule = UpdateSchedule(**state["schedule"])
+        self.algorithm.load_state_dict(state["algorithm"])
+        self.history = list(state["history"])
+
+    # --- bookkeeping shared with the algorithms ------------------------------------------------
+    def _no_changes(self) -> dict[str, list[int]]:
+        return {"pruned": [0] * len(self.targets), "grown": [0] * len(self.targets)}
+
+    def record_change(self, layer: int, *, pruned: int = 0, grown: int = 0) -> None:
+        """Called by the algorithms for every prune/grow; summarised in `history` at the end of the update."""
+        self._changes["pruned"][layer] += pruned
+        self._changes["grown"][layer] += grown
+
+    def _finish_update(self) -> None:
+        active = [t.active() for t in self.targets]
+        if sum(active) != self.budget:
+            raise RuntimeError(f"dst_prune bug: {sum(active)} active weights after update "
+                               f"{self.update_index} of {self.method}, expected exactly {self.budget}")
+        self.history.append({"step": self.step_count, "update": self.update_index, "active": active,
+                             **self._changes, **self.algorithm.state_dict()})
+        logger.debug("update %d at step %d: %d pruned, %d grown", self.update_index, self.step_count,
+                     sum(self._changes["pruned"]), sum(self._changes["grown"]))
+        self._changes = self._no_changes()
+        self.update_index += 1
+
+    def _ensure_attached(self) -> None:
+        detached = [t.name for t in self.targets if not t.attached]
+        if detached:
+            raise DSTError(f"the masks of {detached[0]} (and {len(detached) - 1} more) were removed, e.g. by "
+                           f"dst_prune.remove(model); this controller no longer applies. Call dst_prune.apply "
+                           f"again to train sparse.")
