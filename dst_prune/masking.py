@@ -190,10 +190,9 @@ def zero_positions(target: SparseTarget, positions: torch.Tensor, optimizer: tor
 
 
 def attach(model: nn.Module, spec: TargetSpec, mask: torch.Tensor) -> SparseTarget:
-    """Attach the prune method to one parameter with `mask` (bool) and zero the masked weights."""
+    """Attach the prune method to one parameter with `mask` (bool); the weights are left as they are."""
     module = model.get_submodule(spec.module_name)
     with torch.no_grad():
-        module._parameters[spec.tensor_name].masked_fill_(~mask, 0)
         DSTMask.apply(module, spec.tensor_name, mask=mask)
     if not any(isinstance(h, DetachMaskedWeights) for h in module._forward_hooks.values()):
         module.register_forward_hook(DetachMaskedWeights())

@@ -118,25 +118,30 @@ def _compile_filter(value: NameFilter, argument: str) -> list[tuple[str, object]
                    f"received {type(value).__name__}.")
 
 
-def _unmatched(entry: str, names: list[str], argument: str, kind: str) -> DSTError:
+def _unmatched(entry: str, names: list[str], argument: str) -> DSTError:
     close = difflib.get_close_matches(entry, names, n=5, cutoff=0.4)
     if not close:
         tail = entry.split(".")[-1].strip("^$*.\\")
         close = [n for n in names if tail and tail in n][:5]
     hint = f" Close names: {', '.join(close)}." if close else f" Parameters look like: {', '.join(names[:5])}."
-    return DSTError(f"{argument} entry {entry!r} matches no {kind} parameter of the model.{hint}")
+    return DSTError(f"{argument} entry '{entry}' matches no parameter of the model.{hint}")
 
 
-def _logical_parameter_names(module: nn.Module) -> list[str]:
-    """The module's own parameter names, with a `torch.nn.utils.prune`d `weight_orig` listed as `weight`."""
+def _logical_parameters(module: nn.Module) -> list[tuple[str, str]]:
+    """The module's own parameters as `(name, state)`, state `plain`, `pruned` or `parametrized`.
+
+    A `torch.nn.utils.prune`d `weight_orig` is listed as `weight`; a parametrized tensor by its name.
+    """
     pruned = {h._tensor_name for h in module._forward_pre_hooks.values() if isinstance(h, prune.BasePruningMethod)}
-    names = []
+    found = []
     for tensor_name, param in module._parameters.items():
         if param is None:
             continue
         base = tensor_name[: -len("_orig")] if tensor_name.endswith("_orig") else None
-        names.append(base if base in pruned else tensor_name)
-    return names
+        found.append((base, "pruned") if base in pruned else (tensor_name, "plain"))
+    if parametrize.is_parametrized(module):
+        found.extend((name, "parametrized") for name in module.parametrizations)
+    return found
 
 
 def _tied_names(model: nn.Module) -> dict[int, set[tuple[int, str, str]]]:
@@ -158,9 +163,6 @@ def _refuse_unsupported(module: nn.Module, tensor_name: str, name: str,
     if param.is_meta:
         raise DSTError(f"{name} is on the meta device and holds no values. Materialize the model "
                        f"(e.g. model.to_empty(device=...) and load weights) before dst_prune.apply.")
-    if parametrize.is_parametrized(module, tensor_name):
-        raise DSTError(f"{name} is parametrized (torch.nn.utils.parametrize). Remove the parametrization "
-                       f"first (parametrize.remove_parametrizations) or exclude {name!r}.")
     holders = {(m, t) for m, t, _ in owners.get(id(param), set())}
     if len(holders) > 1:
         both = sorted(q for _, _, q in owners[id(param)])
@@ -195,21 +197,20 @@ def find_targets(model: nn.Module, *, include: NameFilter = None, exclude: NameF
 
     candidates: list[TargetSpec] = []
     all_names: list[str] = []
-    pruned: set[str] = set()
+    states: dict[str, str] = {}
     for module_name, module in model.named_modules():
         own = set(default_tensor_names(module))
-        for tensor_name in _logical_parameter_names(module):
+        for tensor_name, state in _logical_parameters(module):
             spec = TargetSpec(qualified(module_name, tensor_name), module_name, tensor_name)
             all_names.append(spec.name)
-            if tensor_name not in module._parameters:
-                pruned.add(spec.name)
+            states[spec.name] = state
             if include_matchers or tensor_name in own:
                 candidates.append(spec)
 
     if include_matchers:
         for entry, match in include_matchers:
             if not any(match(c.name) for c in candidates):
-                raise _unmatched(entry, all_names, "include", "")
+                raise _unmatched(entry, all_names, "include")
         candidates = [c for c in candidates if any(match(c.name) for _, match in include_matchers)]
     elif dense_stem_and_head:
         stem, heads = stem_and_head(model)
@@ -218,14 +219,17 @@ def find_targets(model: nn.Module, *, include: NameFilter = None, exclude: NameF
 
     for entry, match in exclude_matchers:
         if not any(match(name) for name in all_names):
-            raise _unmatched(entry, all_names, "exclude", "")
+            raise _unmatched(entry, all_names, "exclude")
     candidates = [c for c in candidates if not any(match(c.name) for _, match in exclude_matchers)]
 
     modules = dict(model.named_modules())
     for c in candidates:
-        if c.name in pruned:
+        if states[c.name] == "pruned":
             raise DSTError(f"{c.name} is already pruned by torch.nn.utils.prune. Call dst_prune.remove(model) "
                            f"(or prune.remove(module, {c.tensor_name!r})) first, or exclude {c.name!r}.")
+        if states[c.name] == "parametrized":
+            raise DSTError(f"{c.name} is parametrized (torch.nn.utils.parametrize). Remove the parametrization "
+                           f"first (parametrize.remove_parametrizations) or exclude {c.name!r}.")
     frozen = {c.name for c in candidates if not modules[c.module_name]._parameters[c.tensor_name].requires_grad}
     targets = [c for c in candidates if c.name not in frozen]
     if not targets:
