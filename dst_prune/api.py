@@ -19,6 +19,7 @@ from .distributions import DISTRIBUTIONS, layer_budgets
 from .errors import DSTError
 from .masking import attach, attach_readers, direct_readers, is_sparse, make_permanent
 from .schedules import UpdateSchedule
+from .selection import top_k_mask
 from .sparsity import DynamicSparsity
 from .targets import NameFilter, TargetSpec, find_targets
 
@@ -64,13 +65,12 @@ def initial_mask(param: torch.Tensor, count: int, init: str, generator: torch.Ge
     `magnitude` keeps the `count` largest `|w|` (ties to the lower flat index); `random` draws the
     positions uniformly from `generator` (on the CPU, so the mask is the same on every device).
     """
-    flat = param.detach().reshape(-1)
     if init == "magnitude":
-        keep = torch.argsort(flat.abs(), descending=True, stable=True)[:count]
+        mask = top_k_mask(param.detach().abs(), count)
     else:
-        keep = torch.randperm(flat.numel(), generator=generator)[:count].to(flat.device)
-    mask = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
-    mask[keep] = True
+        keep = torch.randperm(param.numel(), generator=generator)[:count].to(param.device)
+        mask = torch.zeros(param.numel(), dtype=torch.bool, device=param.device)
+        mask[keep] = True
     return torch.empty_like(param, dtype=torch.bool).copy_(mask.view(param.shape))
 
 

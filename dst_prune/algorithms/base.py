@@ -21,7 +21,7 @@ from ..masking import SparseTarget, unwrap_optimizer, zero_positions
 if TYPE_CHECKING:
     from ..sparsity import DynamicSparsity
 
-__all__ = ["SparseAlgorithm", "derive_seed", "random_positions"]
+__all__ = ["SparseAlgorithm", "derive_seed"]
 
 GROWTH_STREAM, INIT_STREAM = 0, 1
 
@@ -29,21 +29,6 @@ GROWTH_STREAM, INIT_STREAM = 0, 1
 def derive_seed(seed: int, *keys: int) -> int:
     """A 63-bit seed that depends only on `seed` and `keys` (numpy's SeedSequence hashing)."""
     return int(np.random.SeedSequence([seed, *keys]).generate_state(2, dtype=np.uint64)[0] >> np.uint64(1))
-
-
-def random_positions(candidates: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
-    """`count` positions drawn uniformly without replacement among the True entries of `candidates`.
-
-    Returns:
-        A bool tensor of `candidates`' shape with exactly `count` True entries, all among the candidates.
-    """
-    flat = candidates.reshape(-1)
-    chosen = torch.zeros_like(flat)
-    if count:
-        scores = torch.rand(flat.numel(), generator=generator, device=flat.device)
-        scores.masked_fill_(~flat, -1.0)
-        chosen[torch.topk(scores, count, sorted=False).indices] = True
-    return chosen.view(candidates.shape)
 
 
 class SparseAlgorithm:

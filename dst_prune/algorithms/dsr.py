@@ -8,7 +8,8 @@ import torch
 
 from ..distributions import apportion
 from ..errors import DSTError
-from .base import SparseAlgorithm, random_positions
+from ..selection import random_positions
+from .base import SparseAlgorithm
 
 __all__ = ["DSR"]
 

@@ -1,0 +1,40 @@
+"""Exact top-k with index tie-breaking, and seeded uniform draws."""
+
+from __future__ import annotations
+
+import torch
+
+from dst_prune.selection import random_positions, top_k_mask
+
+
+def test_top_k_breaks_ties_by_lower_index():
+    scores = torch.tensor([[0.5, 0.9, 0.5], [0.1, 0.5, 0.9]])
+    assert top_k_mask(scores, 3).tolist() == [[True, True, False], [False, False, True]]
+    assert top_k_mask(scores, 4).tolist() == [[True, True, True], [False, False, True]]
+    assert top_k_mask(torch.zeros(5), 2).tolist() == [True, True, False, False, False]
+    assert top_k_mask(scores, 0).sum() == 0 and top_k_mask(scores, 6).all()
+
+
+def test_top_k_matches_a_stable_sort_on_random_ties():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        scores = torch.randint(0, 5, (37,), generator=g).float()
+        k = int(torch.randint(0, 38, (1,), generator=g))
+        expected = torch.zeros(37, dtype=torch.bool)
+        expected[torch.argsort(scores, descending=True, stable=True)[:k]] = True
+        assert torch.equal(top_k_mask(scores, k), expected)
+
+
+def test_top_k_of_a_channels_last_tensor_uses_logical_order():
+    scores = torch.randn(2, 3, 4, 4)
+    assert torch.equal(top_k_mask(scores.to(memory_format=torch.channels_last), 7), top_k_mask(scores, 7))
+
+
+def test_random_positions_are_exact_among_candidates_and_seeded():
+    candidates = torch.rand(10, 10, generator=torch.Generator().manual_seed(1)) > 0.5
+    draws = [random_positions(candidates, 12, torch.Generator().manual_seed(s)) for s in (3, 3, 4)]
+    for chosen in draws:
+        assert int(chosen.sum()) == 12 and not (chosen & ~candidates).any()
+    assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])
+    every = random_positions(candidates, int(candidates.sum()), torch.Generator().manual_seed(0))
+    assert torch.equal(every, candidates)

@@ -1,0 +1,175 @@
+"""Checkpoints on disk: sparse state dicts, the controller's state, exact resume, remove(), loading without args."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import timm
+import torch
+from conftest import SmallCNN, assert_unchanged, small_cnn_batch, snapshot
+from torch import nn
+
+import dst_prune
+
+APPLY = {"sparsity": 0.8, "update_every": 2, "pruning_threshold": 0.05, "seed": 7}
+
+
+def build(seed=0, **overrides):
+    torch.manual_seed(seed)
+    model = SmallCNN()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    dst = dst_prune.apply(model, optimizer=optimizer, **{**APPLY, **overrides})
+    return model, optimizer, dst
+
+
+def train(model, optimizer, dst, steps, start=0):
+    for i in range(start, start + steps):
+        x, y = small_cnn_batch(n=4 + i % 3)
+        loss = nn.functional.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        dst.step()
+
+
+def save(tmp_path, model, optimizer, dst):
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "dst": dst.state_dict()}, path)
+    return path
+
+
+def same_tensors(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sparse_state_dict_loads_into_a_fresh_model_after_apply(tmp_path):
+    model, optimizer, dst = build()
+    train(model, optimizer, dst, 5)
+    path = save(tmp_path, model, optimizer, dst)
+    fresh, _, fresh_dst = build(seed=123)  # other random weights, other initial masks
+    checkpoint = torch.load(path, weights_only=True)
+    fresh.load_state_dict(checkpoint["model"])
+    fresh_dst.load_state_dict(checkpoint["dst"])
+    assert same_tensors(fresh.state_dict(), model.state_dict())
+    assert all(m.dtype == torch.bool for k, m in fresh.state_dict().items() if k.endswith("_mask"))
+    x, _ = small_cnn_batch()
+    assert torch.equal(fresh.eval()(x), model.eval()(x))
+    assert (fresh_dst.step_count, fresh_dst.update_index) == (5, 2)
+    assert fresh_dst.algorithm.threshold == dst.algorithm.threshold
+
+
+@pytest.mark.parametrize("stop_at", [3, 4])
+def test_resume_is_bitwise_exact(tmp_path, stop_at):
+    straight = build()
+    train(*straight, 10)
+
+    first = build()
+    train(*first, stop_at)
+    path = save(tmp_path, *first)
+    model, optimizer, dst = build(seed=99)
+    checkpoint = torch.load(path, weights_only=True)
+    model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    dst.load_state_dict(checkpoint["dst"])
+    train(model, optimizer, dst, 10 - stop_at, start=stop_at)
+
+    assert same_tensors(model.state_dict(), straight[0].state_dict())
+    straight_state = straight[1].state_dict()["state"]
+    resumed_state = optimizer.state_dict()["state"]
+    assert all(same_tensors(straight_state[k], resumed_state[k]) for k in straight_state)
+    assert dst.history == straight[2].history
+
+
+def test_resume_without_the_controller_state_diverges(tmp_path):
+    """Negative control: the resume test above can fail; forgetting dst.load_state_dict changes the masks."""
+    straight = build()
+    train(*straight, 10)
+    first = build()
+    train(*first, 4)
+    path = save(tmp_path, *first)
+    model, optimizer, dst = build(seed=99)
+    checkpoint = torch.load(path, weights_only=True)
+    model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    train(model, optimizer, dst, 6, start=4)
+    assert not same_tensors(model.state_dict(), straight[0].state_dict())
+
+
+def test_removed_state_dict_loads_into_an_untouched_timm_model(tmp_path):
+    model = timm.create_model("resnet18", pretrained=False, num_classes=10)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    dst = dst_prune.apply(model, sparsity=0.9, optimizer=optimizer, update_every=1)
+    x = torch.randn(2, 3, 32, 32)
+    model(x).sum().backward()
+    optimizer.step()
+    dst.step()
+    masks = dst.masks()
+    masks = {k: v.clone() for k, v in masks.items()}
+    model.eval()
+    reference = model(x)
+    dst_prune.remove(model)
+    torch.save(model.state_dict(), tmp_path / "dense.pt")
+    untouched = timm.create_model("resnet18", pretrained=False, num_classes=10).eval()
+    untouched.load_state_dict(torch.load(tmp_path / "dense.pt", weights_only=True))
+    assert torch.equal(untouched(x), reference)
+    for name, mask in masks.items():
+        assert not untouched.get_parameter(name).detach()[~mask].any()
+    zeros = sum(int((~m).sum()) for m in masks.values())
+    assert zeros == round(0.9 * dst.n_sparse)
+
+
+def test_load_sparse_state_dict_needs_no_apply_arguments(tmp_path):
+    model = timm.create_model("resnet18", pretrained=False, num_classes=10)
+    dst = dst_prune.apply(model, sparsity=0.95, distribution="erk", exclude=["downsample.0.weight"], update_every=1)
+    dst.reparameterize()
+    torch.save(model.state_dict(), tmp_path / "sparse.pt")
+
+    fresh = timm.create_model("resnet18", pretrained=False, num_classes=10)
+    loaded = dst_prune.load_sparse_state_dict(fresh, torch.load(tmp_path / "sparse.pt", weights_only=True))
+    assert [t.name for t in loaded.targets] == [t.name for t in dst.targets]
+    assert loaded.budget == dst.budget and loaded.sparsity == dst.sparsity
+    assert same_tensors(fresh.state_dict(), model.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(fresh.eval()(x), model.eval()(x))
+    loaded.reparameterize()  # and it keeps training with the exact count
+    assert loaded.sparsity == dst.sparsity
+
+
+def test_load_sparse_state_dict_refuses_what_does_not_fit():
+    model = SmallCNN()
+    before = snapshot(model)
+    with pytest.raises(dst_prune.DSTError, match="it is not a sparse checkpoint"):
+        dst_prune.load_sparse_state_dict(model, SmallCNN().state_dict())
+    other = timm.create_model("resnet18", pretrained=False)
+    dst_prune.apply(other, sparsity=0.5)
+    with pytest.raises(dst_prune.DSTError, match="state_dict does not fit the model: missing"):
+        dst_prune.load_sparse_state_dict(model, other.state_dict())
+    assert_unchanged(model, before)
+
+
+def test_controller_state_is_refused_for_another_configuration():
+    _, _, dst = build()
+    state = copy.deepcopy(dst.state_dict())
+    _, _, other = build(exclude=["fc1.weight"])
+    with pytest.raises(dst_prune.DSTError, match="state was saved for other sparse tensors"):
+        other.load_state_dict(state)
+    _, _, denser = build(sparsity=0.5)
+    with pytest.raises(dst_prune.DSTError, match="active weights, this controller keeps"):
+        denser.load_state_dict(state)
+    with pytest.raises(dst_prune.DSTError, match=r"is not a DynamicSparsity\.state_dict\(\)"):
+        dst.load_state_dict({"step": 3})
+
+
+def test_controller_state_is_plain_python():
+    model, optimizer, dst = build()
+    train(model, optimizer, dst, 4)
+
+    def plain(value):
+        if isinstance(value, dict):
+            return all(isinstance(k, str) and plain(v) for k, v in value.items())
+        if isinstance(value, list):
+            return all(plain(v) for v in value)
+        return value is None or isinstance(value, (bool, int, float, str))
+
+    assert plain(dst.state_dict())
