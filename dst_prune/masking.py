@@ -233,22 +233,36 @@ def make_permanent(model: nn.Module) -> int:
     return removed
 
 
-@functools.cache
-def _attribute_chains(cls: type) -> frozenset[str]:
-    """Dotted attribute chains `self.a.b.c` read by the methods of `cls` (and its bases) that run in forward."""
-    chains: set[str] = set()
+def _method_source(cls: type, name: str) -> str:
     for klass in cls.__mro__:
         if klass in (nn.Module, object):
-            break
-        for attr, fn in vars(klass).items():
-            if not inspect.isfunction(fn) or "init" in attr or attr.startswith("reset"):
-                continue
+            return ""
+        fn = vars(klass).get(name)
+        if inspect.isfunction(fn):
             try:
-                source = inspect.getsource(fn)
+                return inspect.getsource(fn)
             except (OSError, TypeError):
-                continue
-            for match in re.finditer(r"\bself((?:\.[A-Za-z_]\w*)+)", source):
-                chains.add(match.group(1)[1:])
+                return ""
+    return ""
+
+
+@functools.cache
+def _attribute_chains(cls: type) -> frozenset[str]:
+    """Dotted attribute chains `self.a.b.c` read by `cls.forward` and the methods of `cls` it calls."""
+    chains: set[str] = set()
+    pending, seen = ["forward"], set()
+    while pending:
+        name = pending.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        source = _method_source(cls, name)
+        for match in re.finditer(r"\bself((?:\.[A-Za-z_]\w*)+)(\s*\()?", source):
+            chain, called = match.group(1)[1:], match.group(2)
+            if called and "." not in chain:
+                pending.append(chain)  # a method of the class: follow it
+            else:
+                chains.add(chain)
     return frozenset(chains)
 
 

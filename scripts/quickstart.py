@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> float:
     parser.add_argument("--sparsity", type=float, default=0.9)
     parser.add_argument("--method", default="dsr", choices=dst_prune.list_methods())
     parser.add_argument("--distribution", default="uniform")
-    parser.add_argument("--epochs", type=int, default=None, help="default: 4 on MNIST, 40 on digits")
+    parser.add_argument("--epochs", type=int, default=None, help="default: 6 on MNIST, 40 on digits")
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--update-every", type=int, default=100, help="optimizer steps between reallocations")
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> float:
     torch.manual_seed(args.seed)
 
     name, (x_train, y_train), (x_test, y_test) = load_data(args.data)
-    epochs = args.epochs or (4 if name == "MNIST" else 40)
+    epochs = args.epochs or (6 if name == "MNIST" else 40)
     model = lenet_300_100(x_train[0].numel())
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True, weight_decay=1e-4)
     loss_fn = nn.CrossEntropyLoss()

@@ -32,6 +32,7 @@ FAMILIES = {
     "timm_eva_reads_qkv_weight": (
         lambda: timm.models.eva.Eva(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, qkv_bias=True,
                                     num_classes=10), image(32)),
+    "timm_mobilevitv2_reads_weight_slices": (lambda: timm.create_model("mobilevitv2_050", num_classes=10), image(64)),
     "torchvision_vit_b_16_mha": (lambda: torchvision.models.vit_b_16(image_size=32, num_classes=10), image(32)),
     "torchvision_swin_t": (lambda: torchvision.models.swin_t(num_classes=10), image(64)),
     "torchvision_mobilenet_v3": (lambda: torchvision.models.mobilenet_v3_small(num_classes=10), image(32)),
