@@ -145,3 +145,24 @@ def test_dsr_hyperparameters_are_validated():
                             ({"delta": 1.5}, "delta must be a number in [0, 1)")]:
         with pytest.raises(dst_prune.DSTError, match=re.escape(message)):
             DSR.create(**kwargs)
+
+
+def test_ties_a_weight_exactly_at_h_survives_and_the_lower_index_is_kept():
+    # |w| < H is strict: 1e-3 itself survives. In layer 1 every weight is below H and two share the
+    # largest magnitude; the one at the lower index is the one kept.
+    _, dst = layered([[0.9, 1e-3, -1e-3, 5e-4], [2e-4, -4e-4, 4e-4, 1e-4]], pruning_threshold=1e-3)
+    assert dst.prune_by_threshold() == 4
+    assert flat_mask(dst, 0)[:4].tolist() == [True, True, True, False]
+    assert flat_mask(dst, 1)[:4].tolist() == [False, True, False, False]
+
+
+def test_magnitude_init_keeps_the_largest_weights_ties_to_the_lower_index():
+    model = nn.Sequential(nn.Linear(3, 2, bias=False), nn.Linear(2, 2, bias=False))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[0.1, -0.5, 0.3], [0.3, 0.2, -0.3]]))
+        model[1].weight.copy_(torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
+    dst = dst_prune.apply(model, sparsity=0.5, dense_stem_and_head=False)
+    assert model[0].weight_mask.tolist() == [[False, True, True], [True, False, False]]
+    assert torch.equal(model[0].weight_orig, torch.tensor([[0.0, -0.5, 0.3], [0.3, 0.0, 0.0]]))
+    assert model[1].weight_mask.tolist() == [[False, False], [True, True]]
+    assert dst.budget == 5

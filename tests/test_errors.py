@@ -158,6 +158,7 @@ def test_layer_left_without_weights():
                    "weight", sparsity=0.99, dense_stem_and_head=False)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
 def test_torchscript_module():
     refused(torch.jit.script(nn.Linear(4, 4)), "model is a TorchScript module")
 

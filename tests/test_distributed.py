@@ -1,0 +1,38 @@
+"""Rule 8 under real DDP: 2 processes over gloo on CPU reach identical masks without broadcasting them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+WORKER = Path(__file__).parent / "workers" / "ddp_masks.py"
+
+
+def torchrun(tmp_path: Path, mode: str) -> list[dict]:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(WORKER), str(tmp_path), mode]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+@pytest.mark.slow
+def test_ddp_ranks_agree_on_masks_at_every_update(tmp_path):
+    rank0, rank1 = torchrun(tmp_path, "same")
+    assert rank0["updates"] == rank1["updates"] == 6 and rank0["moved"] > 0
+    assert rank0["checks"] == rank1["checks"] == [True] * 6
+    assert rank0["digest"] == rank1["digest"]
+    assert rank0["weights"] == rank1["weights"]
+
+
+@pytest.mark.slow
+def test_check_sync_catches_ranks_that_disagree(tmp_path):
+    """Negative control: per-rank seeds give per-rank masks, and check_sync says so on every rank."""
+    rank0, rank1 = torchrun(tmp_path, "per-rank-seed")
+    assert rank0["digest"] != rank1["digest"]
+    for result in (rank0, rank1):
+        assert all("masks differ across ranks" in check for check in result["checks"])

@@ -1,0 +1,54 @@
+"""A 2-process DDP run (gloo, CPU) of DSR; each rank writes its mask digest and sync checks to a JSON file.
+
+    torchrun --standalone --nproc_per_node 2 tests/workers/ddp_masks.py OUT_DIR same|per-rank-seed
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+import dst_prune
+from dst_prune.distributed import mask_digest
+
+
+def main(out_dir: str, mode: str) -> None:
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    torch.manual_seed(0)  # the same initial weights on every rank
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 16, 3), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(16 * 4 * 4, 32), nn.ReLU(), nn.Linear(32, 10))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    seed = 0 if mode == "same" else rank  # per-rank seeds break rule 8 on purpose (negative control)
+    dst = dst_prune.apply(model, sparsity=0.8, optimizer=optimizer, update_every=1, seed=seed, init="random",
+                          pruning_threshold=0.05)
+    ddp = DistributedDataParallel(model)
+    checks = []
+    for step in range(6):
+        data = torch.Generator().manual_seed(1000 * rank + step)  # every rank sees other data
+        x, y = torch.randn(8, 3, 8, 8, generator=data), torch.randint(0, 10, (8,), generator=data)
+        loss = nn.functional.cross_entropy(ddp(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        dst.step()
+        try:
+            checks.append(dst.check_sync())
+        except RuntimeError as error:
+            checks.append(str(error))
+    weights = float(sum(p.detach().double().abs().sum() for p in model.parameters()))
+    result = {"rank": rank, "digest": mask_digest(dst.targets), "checks": checks, "weights": weights,
+              "updates": dst.update_index, "moved": sum(sum(r["grown"]) for r in dst.history)}
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
