@@ -1,7 +1,8 @@
 """apply(0.9) on real timm and torchvision families, a few steps with reallocation at every step.
 
-After training, the sparse model's outputs must equal those of a `remove()`d deep copy, and every sparse
-tensor must have received a gradient: a parent that reads a stale child weight would leave it without one.
+After training, the sparse model's outputs must equal those of a `remove()`d deep copy and must not change
+when the masked entries of `weight_orig` are set to large values, and every sparse tensor must have
+received a gradient: a parent that reads a stale child weight would leave it without one.
 """
 
 from __future__ import annotations
@@ -68,7 +69,10 @@ def test_family_trains_sparse_and_matches_its_removed_copy(family):
     with torch.no_grad():
         sparse_out = model(x)
         dense_out = dst_prune.remove(copy.deepcopy(model))(x)
-    torch.testing.assert_close(sparse_out, dense_out, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(sparse_out, dense_out, rtol=1e-5, atol=1e-5)
+        for t in dst.targets:  # break the invariant on purpose: masked entries must still have no effect
+            t.orig.masked_fill_(~t.mask, 10.0)
+        torch.testing.assert_close(model(x), sparse_out, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("optimizer_name", ["sgd", "adam", "adamw"])
