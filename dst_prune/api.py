@@ -14,20 +14,17 @@ import torch
 from torch import nn
 
 from .algorithms import SparseAlgorithm, create_algorithm
-from .algorithms.base import INIT_STREAM, derive_seed
-from .distributions import DISTRIBUTIONS, layer_budgets
+from .distributions import DISTRIBUTIONS
 from .errors import DSTError
+from .initialization import INITS, initial_masks
 from .masking import attach, attach_readers, direct_readers, is_sparse, make_permanent
 from .schedules import UpdateSchedule
-from .selection import top_k_mask
 from .sparsity import DynamicSparsity
 from .targets import NameFilter, TargetSpec, find_targets
 
-__all__ = ["INITS", "apply", "load_sparse_state_dict", "remove"]
+__all__ = ["apply", "load_sparse_state_dict", "remove"]
 
 logger = logging.getLogger(__name__)
-
-INITS = ("magnitude", "random")
 
 
 def _check_model(model: object) -> nn.Module:
@@ -59,24 +56,30 @@ def _check_seed(seed: object) -> int:
     return seed
 
 
-def initial_mask(param: torch.Tensor, count: int, init: str, generator: torch.Generator) -> torch.Tensor:
-    """A bool mask of `param`'s shape and memory format with exactly `count` True entries.
+def _algorithm_and_schedule(method: object, hyperparameters: dict, *, update_every: int, total_steps: int | None,
+                            stop_step: int | None, stop_fraction: float | None,
+                            double_at: Sequence[int]) -> tuple[SparseAlgorithm, UpdateSchedule]:
+    """Build the algorithm and resolve its stop step: `stop_step`, else `stop_fraction * total_steps`."""
+    algorithm = create_algorithm(method, hyperparameters)
+    if total_steps is not None and (isinstance(total_steps, bool) or not isinstance(total_steps, int)
+                                    or total_steps < 1):
+        raise DSTError(f"total_steps must be None or a positive integer; received {total_steps!r}.")
+    if stop_fraction is not None and (isinstance(stop_fraction, bool) or not isinstance(stop_fraction, (int, float))
+                                      or not 0 < stop_fraction <= 1):
+        raise DSTError(f"stop_fraction must be a number in (0, 1]; received {stop_fraction!r}.")
+    fraction = stop_fraction if stop_fraction is not None else algorithm.default_stop_fraction
+    if stop_step is None and fraction is not None and total_steps is not None:
+        stop_step = max(1, round(fraction * total_steps))
+    if algorithm.needs_total_steps and stop_step is None:
+        raise DSTError(f"method={algorithm.name!r} needs the length of training for its schedule: pass "
+                       f"total_steps=<number of optimizer steps> (or stop_step=...).")
+    schedule = UpdateSchedule(update_every=update_every, stop_step=stop_step, double_at=tuple(double_at))
+    algorithm.check_schedule(schedule)
+    return algorithm, schedule
 
-    `magnitude` keeps the `count` largest `|w|` (ties to the lower flat index); `random` draws the
-    positions uniformly from `generator` (on the CPU, so the mask is the same on every device).
-    """
-    if init == "magnitude":
-        mask = top_k_mask(param.detach().abs(), count)
-    else:
-        keep = torch.randperm(param.numel(), generator=generator)[:count].to(param.device)
-        mask = torch.zeros(param.numel(), dtype=torch.bool, device=param.device)
-        mask[keep] = True
-    return torch.empty_like(param, dtype=torch.bool).copy_(mask.view(param.shape))
 
-
-def _attach_all(model: nn.Module, specs: list[TargetSpec], masks: list[torch.Tensor], algorithm: SparseAlgorithm, *,
-                schedule: UpdateSchedule, seed: int, budget: int, optimizer: object,
-                config: dict) -> DynamicSparsity:
+def _attach_all(model: nn.Module, specs: list[TargetSpec], masks: list[torch.Tensor],
+                **controller_arguments: object) -> DynamicSparsity:
     """Attach every mask, or none: on failure the touched modules are restored exactly."""
     readers = direct_readers(model, specs)
     touched = {id(m): m for m in (model.get_submodule(s.module_name) for s in specs)}
@@ -102,42 +105,45 @@ def _attach_all(model: nn.Module, specs: list[TargetSpec], masks: list[torch.Ten
             if isinstance(module, nn.RNNBase):
                 module._init_flat_weights()
         raise
-    controller = DynamicSparsity(model, targets, algorithm, schedule=schedule, seed=seed, budget=budget,
-                                 optimizer=optimizer, config=config)
-    logger.info("dst_prune: %s on %d tensors, %d of %d weights active (sparsity %.4f)", algorithm.name,
-                len(targets), budget, controller.n_sparse, 1 - budget / controller.n_sparse)
+    controller = DynamicSparsity(model, targets, budget=sum(int(m.sum()) for m in masks), **controller_arguments)
+    logger.info("dst_prune: %s on %d tensors, %d of %d weights active (sparsity %.4f)", controller.method,
+                len(targets), controller.budget, controller.n_sparse, controller.sparsity)
     return controller
 
 
 def apply(model: nn.Module, *, sparsity: float, method: str = "dsr", distribution: str = "uniform",
           include: NameFilter = None, exclude: NameFilter = None, dense_stem_and_head: bool = True,
           init: str = "magnitude", optimizer: object = None, update_every: int = 100,
-          total_steps: int | None = None, stop_step: int | None = None, double_at: Sequence[int] = (),
-          seed: int = 0, **hyperparameters: object) -> DynamicSparsity:
+          total_steps: int | None = None, stop_fraction: float | None = None, stop_step: int | None = None,
+          double_at: Sequence[int] = (), seed: int = 0, **hyperparameters: object) -> DynamicSparsity:
     """Make `model` sparse in place and return the controller that keeps it so while it trains.
 
     Args:
         model: any `nn.Module` (timm, torchvision, your own). Modified in place, like
             `torch.nn.utils.prune`: each sparse `weight` becomes `weight_orig` + bool `weight_mask`.
         sparsity: the fraction of zeros among the sparse parameters, in [0, 1). Exactly
-            `round((1 - sparsity) * N)` weights stay active, for every distribution and every update.
-        method: the DST algorithm, one of `dst_prune.list_methods()`.
-        distribution: how the budget is split across layers: `uniform`, `er` or `erk`.
+            `round((1 - sparsity) * N)` weights stay active, for every distribution and every update
+            (gradual methods start denser and reach it at their stop step).
+        method: the algorithm, one of `dst_prune.list_methods()`.
+        distribution: how the budget is split across layers: `uniform`, `er`, `erk` or `global` (the
+            largest weights of the whole model, at least one per layer).
         include: `None` for the default layers; else exactly the parameters it matches (a regex for
             `re.fullmatch`, or a list of names or `.`-suffixes of names).
         exclude: parameters to keep dense, in the same forms.
         dense_stem_and_head: keep the stem conv and the classifier dense (default selection only).
-        init: `magnitude` keeps each layer's largest weights (a pretrained model keeps its function);
-            `random` draws the initial mask at random, as the papers do from scratch.
+        init: `magnitude` keeps the largest weights (a pretrained model keeps its function); `random`
+            draws the initial mask at random, as the papers do from scratch.
         optimizer: its state is zeroed at pruned and regrown positions (also settable later as
             `controller.optimizer`); an accelerate-wrapped optimizer works.
         update_every: reallocate every this many optimizer steps (`controller.step()` calls).
-        total_steps: the length of training in optimizer steps, for methods whose schedule needs it.
-        stop_step: no reallocation at or after this step.
+        total_steps: the length of training in optimizer steps; RigL, SNFS, GMP and GraNet need it.
+        stop_fraction: stop reallocating (and end decays and gradual pruning) at this fraction of
+            `total_steps`; default per method (RigL, GMP, GraNet 0.75; SNFS 1.0; others never stop).
+        stop_step: the same as an absolute step; overrides `stop_fraction`.
         double_at: steps from which the reallocation period doubles (the DSR paper's recipes).
         seed: seeds every random draw (initial mask, growth), so all ranks and resumed runs agree.
-        **hyperparameters: the method's own (DSR: `target_fraction_to_prune`, `pruning_threshold`,
-            `delta`).
+        **hyperparameters: the method's own, e.g. DSR's `target_fraction_to_prune`, `pruning_threshold`,
+            `delta`; RigL's `drop_fraction`, `decay`; GMP's `initial_sparsity`, `begin_step`.
 
     Returns:
         The `DynamicSparsity` controller.
@@ -150,26 +156,18 @@ def apply(model: nn.Module, *, sparsity: float, method: str = "dsr", distributio
     distribution = _check_choice(distribution, "distribution", DISTRIBUTIONS)
     init = _check_choice(init, "init", INITS)
     seed = _check_seed(seed)
-    if total_steps is not None and (isinstance(total_steps, bool) or not isinstance(total_steps, int)
-                                    or total_steps < 1):
-        raise DSTError(f"total_steps must be None or a positive integer; received {total_steps!r}.")
-    schedule = UpdateSchedule(update_every=update_every, stop_step=stop_step, double_at=tuple(double_at))
-    algorithm = create_algorithm(method, hyperparameters)
+    algorithm, schedule = _algorithm_and_schedule(method, hyperparameters, update_every=update_every,
+                                                  total_steps=total_steps, stop_step=stop_step,
+                                                  stop_fraction=stop_fraction, double_at=double_at)
+    start_sparsity = algorithm.initial_sparsity(sparsity)
     specs = find_targets(model, include=include, exclude=exclude, dense_stem_and_head=dense_stem_and_head)
     params = [model.get_submodule(s.module_name)._parameters[s.tensor_name] for s in specs]
-    counts = layer_budgets([p.shape for p in params], sparsity, distribution)
-    empty = [s.name for s, c in zip(specs, counts) if c == 0]
-    if empty:
-        raise DSTError(f"sparsity={sparsity} with distribution={distribution!r} would leave {empty[0]} (and "
-                       f"{len(empty) - 1} more) with no active weight. Lower the sparsity, use "
-                       f"distribution='erk', or exclude {empty[0]!r}.")
-    masks = [initial_mask(p, c, init, torch.Generator().manual_seed(derive_seed(seed, INIT_STREAM, i)))
-             for i, (p, c) in enumerate(zip(params, counts))]
-    if optimizer is not None:
-        DynamicSparsity.check_optimizer(optimizer)
-    config = {"sparsity": sparsity, "distribution": distribution, "init": init, "total_steps": total_steps,
-              "hyperparameters": dict(hyperparameters)}
-    return _attach_all(model, specs, masks, algorithm, schedule=schedule, seed=seed, budget=sum(counts),
+    masks = initial_masks(specs, params, sparsity=start_sparsity, final_sparsity=sparsity,
+                          distribution=distribution, init=init, seed=seed)
+    DynamicSparsity.check_optimizer(optimizer)
+    config = {"distribution": distribution, "init": init, "hyperparameters": dict(hyperparameters)}
+    return _attach_all(model, specs, masks, algorithm=algorithm, schedule=schedule, seed=seed,
+                       target_sparsity=sparsity, distribution=distribution, total_steps=total_steps,
                        optimizer=optimizer, config=config)
 
 
@@ -190,13 +188,14 @@ def remove(model: nn.Module) -> nn.Module:
 
 
 def load_sparse_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, method: str = "dsr",
-                           optimizer: object = None, update_every: int = 100, seed: int = 0,
+                           optimizer: object = None, update_every: int = 100, total_steps: int | None = None,
+                           stop_step: int | None = None, seed: int = 0,
                            **hyperparameters: object) -> DynamicSparsity:
     """Load a sparse checkpoint into a fresh (dense) model without knowing how it was made sparse.
 
     The sparse tensors are those with `<name>_orig` and `<name>_mask` entries in `state_dict`; they get
     those masks, the whole state dict is loaded (strictly), and a controller keeping that exact number
-    of active weights is returned.
+    of active weights (with the given method and schedule) is returned.
 
     Raises:
         DSTError: the state dict has no masks, or does not fit the model; the model is left untouched.
@@ -217,15 +216,17 @@ def load_sparse_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tens
         if own[name].shape != state_dict[name + "_mask"].shape:
             raise DSTError(f"{name}: the checkpoint's mask has shape {tuple(state_dict[name + '_mask'].shape)}, "
                            f"the model's parameter {tuple(own[name].shape)}.")
-    schedule = UpdateSchedule(update_every=update_every)
-    algorithm = create_algorithm(method, hyperparameters)
+    seed = _check_seed(seed)
+    algorithm, schedule = _algorithm_and_schedule(method, hyperparameters, update_every=update_every,
+                                                  total_steps=total_steps, stop_step=stop_step,
+                                                  stop_fraction=None, double_at=())
     specs = find_targets(model, include="|".join(map(re.escape, names)), dense_stem_and_head=False)
     params = [model.get_submodule(s.module_name)._parameters[s.tensor_name] for s in specs]
     masks = [torch.empty_like(p, dtype=torch.bool).copy_(state_dict[s.name + "_mask"]) for p, s in zip(params, specs)]
-    if optimizer is not None:
-        DynamicSparsity.check_optimizer(optimizer)
-    budget = sum(int(m.sum()) for m in masks)
-    controller = _attach_all(model, specs, masks, algorithm, schedule=schedule, seed=_check_seed(seed),
-                             budget=budget, optimizer=optimizer, config={"loaded": True})
+    DynamicSparsity.check_optimizer(optimizer)
+    active, total = sum(int(m.sum()) for m in masks), sum(m.numel() for m in masks)
+    controller = _attach_all(model, specs, masks, algorithm=algorithm, schedule=schedule, seed=seed,
+                             target_sparsity=1 - active / total, distribution="uniform", total_steps=total_steps,
+                             optimizer=optimizer, config={"loaded": True})
     model.load_state_dict(state_dict)
     return controller

@@ -15,11 +15,21 @@ import torch.distributed as dist
 
 from .masking import SparseTarget
 
-__all__ = ["check_sync", "is_distributed", "mask_digest"]
+__all__ = ["all_reduce_mean", "check_sync", "is_distributed", "mask_digest"]
 
 
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_reduce_mean(tensors: Sequence[torch.Tensor]) -> None:
+    """Average each tensor in place across ranks (scores that masks depend on; DESIGN.md rule 8)."""
+    if not is_distributed():
+        return
+    world = dist.get_world_size()
+    for tensor in tensors:
+        dist.all_reduce(tensor)
+        tensor.div_(world)
 
 
 def mask_digest(targets: Sequence[SparseTarget]) -> int:

@@ -10,6 +10,8 @@ exact rational arithmetic so that the counts add up to the budget.
   `(n_out + n_in) / (n_out * n_in)`, from the first two dimensions of its weight.
 - `erk` (Erdős–Rényi-Kernel; Evci et al. 2020, sec. 3): density proportional to
   `sum(shape) / prod(shape)`, the kernel dimensions of a convolution included.
+- `global`: no per-layer rule; the largest weights of the whole model are kept (see
+  `selection.global_top_k`), at least one per layer.
 """
 
 from __future__ import annotations
@@ -20,9 +22,11 @@ from fractions import Fraction
 
 from .errors import DSTError
 
-__all__ = ["DISTRIBUTIONS", "apportion", "layer_budgets", "total_budget"]
+__all__ = ["DISTRIBUTIONS", "LAYERWISE", "apportion", "layer_budgets", "layer_shares", "total_budget"]
 
-DISTRIBUTIONS = ("uniform", "er", "erk")
+LAYERWISE = ("uniform", "er", "erk")
+#: `global`: the budget goes to the largest weights of the whole model (one-shot global magnitude pruning)
+DISTRIBUTIONS = (*LAYERWISE, "global")
 
 
 def total_budget(sparsity: float, n_sparse: int) -> int:
@@ -77,21 +81,23 @@ def _density_weight(shape: Sequence[int], distribution: str) -> float:
     return sum(dims) / math.prod(dims)
 
 
+def layer_shares(shapes: Sequence[Sequence[int]], distribution: str) -> list[float]:
+    """Each layer's share of the non-zeros under a layer-wise distribution (density weight times size)."""
+    return [_density_weight(s, distribution) * math.prod(s) for s in shapes]
+
+
 def layer_budgets(shapes: Sequence[Sequence[int]], sparsity: float, distribution: str) -> list[int]:
     """The number of non-zeros of each layer.
 
     Args:
         shapes: the shape of each sparse tensor.
         sparsity: the global fraction of zeros over all of them, in [0, 1).
-        distribution: one of `DISTRIBUTIONS`.
+        distribution: one of `LAYERWISE`.
 
     Returns:
         One count per layer, summing to exactly `round((1 - sparsity) * N)`.
     """
-    if distribution not in DISTRIBUTIONS:
-        raise DSTError(f"distribution={distribution!r} is unknown; valid choices: {', '.join(DISTRIBUTIONS)}.")
+    if distribution not in LAYERWISE:
+        raise DSTError(f"distribution={distribution!r} is not layer-wise; valid choices: {', '.join(LAYERWISE)}.")
     sizes = [math.prod(s) for s in shapes]
-    budget = total_budget(sparsity, sum(sizes))
-    # the non-zeros of a layer are density * size, with density proportional to the weight
-    shares = [_density_weight(s, distribution) * n for s, n in zip(shapes, sizes)]
-    return apportion(budget, shares, sizes)
+    return apportion(total_budget(sparsity, sum(sizes)), layer_shares(shapes, distribution), sizes)

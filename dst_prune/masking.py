@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
+from .gradients import sink_for
 from .targets import TargetSpec
 
 __all__ = [
@@ -57,6 +58,14 @@ class DSTMask(prune.BasePruningMethod):
     def apply_mask(self, module: nn.Module) -> torch.Tensor:
         orig = getattr(module, self._tensor_name + "_orig")
         return orig * getattr(module, self._tensor_name + "_mask")
+
+    def __call__(self, module: nn.Module, inputs: object) -> None:
+        """Recompute `weight = weight_orig * weight_mask` (and capture its dense gradient when armed)."""
+        weight = self.apply_mask(module)
+        sink = sink_for(module, self._tensor_name)
+        if sink is not None and weight.requires_grad:
+            weight.register_hook(sink)
+        setattr(module, self._tensor_name, weight)  # setattr keeps nn.RNNBase._flat_weights in sync
 
     def remove(self, module: nn.Module) -> None:
         """Make the pruning permanent in place: `weight` becomes the same Parameter, zeros included.

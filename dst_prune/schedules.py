@@ -1,17 +1,24 @@
-"""When to reallocate: a pure function of the optimizer step, so a resumed run updates exactly as before.
+"""When to reallocate and how much: pure functions of the optimizer step, so a resumed run is exact.
 
-DSR (Mostafa & Wang 2019, sec. 4) reallocates every `update_every` iterations, doubles the period at
-given epochs and stops before the end of training; `UpdateSchedule` expresses that in steps.
+- `UpdateSchedule`: every `update_every` steps, the period doubling at given steps (DSR, Mostafa & Wang
+  2019, sec. 4), none from `stop_step` on (RigL's `T_end = 0.75 * total_steps`).
+- `decayed_fraction`: the drop fraction at a step, `cosine` (RigL, Evci et al. 2020, eq. 1:
+  `f(t) = alpha / 2 * (1 + cos(pi * t / T_end))`; SNFS's prune rate), `linear` or `constant`.
+- `cubic_sparsity`: gradual pruning (Zhu & Gupta 2017, eq. 1:
+  `s_t = s_f + (s_i - s_f) * (1 - (t - t_0) / (n * dt)) ** 3`).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from .errors import DSTError
 
-__all__ = ["UpdateSchedule"]
+__all__ = ["DECAYS", "UpdateSchedule", "cubic_sparsity", "decayed_fraction"]
+
+DECAYS = ("cosine", "linear", "constant")
 
 
 def _positive_int(value: object, argument: str) -> int:
@@ -55,3 +62,22 @@ class UpdateSchedule:
 
     def state_dict(self) -> dict:
         return {"update_every": self.update_every, "stop_step": self.stop_step, "double_at": list(self.double_at)}
+
+
+def decayed_fraction(initial: float, step: int, end: int | None, decay: str) -> float:
+    """The fraction `initial` decayed from step 0 to zero at step `end` (constant if `end` is None)."""
+    if decay == "constant" or end is None:
+        return initial
+    progress = min(max(step / end, 0.0), 1.0)
+    if decay == "cosine":
+        return initial / 2 * (1 + math.cos(math.pi * progress))
+    return initial * (1 - progress)
+
+
+def cubic_sparsity(step: int, begin: int, end: int, initial: float, final: float) -> float:
+    """The sparsity at `step` of gradual pruning from `initial` at `begin` to `final` at `end`."""
+    if step <= begin:
+        return initial
+    if step >= end:
+        return final
+    return final + (initial - final) * (1 - (step - begin) / (end - begin)) ** 3

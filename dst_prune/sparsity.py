@@ -13,6 +13,7 @@ from . import stats
 from .algorithms.base import SparseAlgorithm
 from .distributed import check_sync
 from .errors import DSTError
+from .gradients import DenseGradient, arm, disarm
 from .masking import SparseTarget, unwrap_optimizer
 from .schedules import UpdateSchedule
 
@@ -20,7 +21,7 @@ __all__ = ["DynamicSparsity"]
 
 logger = logging.getLogger(__name__)
 
-STATE_FORMAT = "dst_prune.DynamicSparsity/1"
+STATE_FORMAT = "dst_prune.DynamicSparsity/2"
 
 
 class DynamicSparsity:
@@ -37,14 +38,21 @@ class DynamicSparsity:
         schedule: when to reallocate.
         optimizer: whose state is zeroed at pruned and regrown positions; may be set later.
         seed: the seed of every random draw.
+        target_sparsity: the sparsity `apply` was asked for (gradual methods reach it at their stop step).
+        distribution: how the budget is split across layers.
+        total_steps: the length of training in optimizer steps, if given.
         step_count: optimizer steps counted by `step()`.
         update_index: reallocations done so far.
-        budget: the number of active weights, kept exactly.
-        history: one record per reallocation (step, per-layer active/pruned/grown counts, algorithm state).
+        budget: the number of active weights, kept exactly (gradual methods lower it on their schedule).
+        ever_active: per tensor, the positions that were ever active (in-time over-parameterization).
+        history: one record per reallocation: step, per-layer active/pruned/grown counts, churn (the
+            fraction of the active weights that are new), `itop` (the fraction of sparse weights ever
+            active, Liu et al. 2021) and the algorithm's own metrics (threshold, drop fraction, ...).
     """
 
     def __init__(self, model: nn.Module, targets: list[SparseTarget], algorithm: SparseAlgorithm, *,
-                 schedule: UpdateSchedule, seed: int, budget: int, optimizer: object = None,
+                 schedule: UpdateSchedule, seed: int, budget: int, target_sparsity: float,
+                 distribution: str, total_steps: int | None = None, optimizer: object = None,
                  config: dict | None = None) -> None:
         self.model = model
         self.targets = targets
@@ -52,14 +60,20 @@ class DynamicSparsity:
         self.schedule = schedule
         self.seed = seed
         self.budget = budget
+        self.target_sparsity = target_sparsity
+        self.distribution = distribution
+        self.total_steps = total_steps
         self.config = dict(config or {})
         self.step_count = 0
         self.update_index = 0
         self.history: list[dict] = []
+        self.ever_active = [t.mask.clone() for t in targets]
+        self.dense_gradient_sinks = [DenseGradient() for _ in targets]
         self._optimizer = None
         self.optimizer = optimizer
         self._changes = self._no_changes()
         algorithm.bind(self)
+        self._arm_dense_gradients(1)
 
     # --- configuration -------------------------------------------------------------------------
     @property
@@ -91,6 +105,11 @@ class DynamicSparsity:
         return self.algorithm.name
 
     @property
+    def decay_end(self) -> int | None:
+        """The step at which decaying drop fractions reach zero: the stop step, else `total_steps`."""
+        return self.schedule.stop_step if self.schedule.stop_step is not None else self.total_steps
+
+    @property
     def n_sparse(self) -> int:
         """The number of parameters in the sparse tensors, zeros included."""
         return sum(t.numel for t in self.targets)
@@ -104,10 +123,29 @@ class DynamicSparsity:
     def step(self) -> bool:
         """Count one optimizer step; reallocate if the schedule says so. Returns whether it did."""
         self.step_count += 1
-        if self.schedule.is_update_step(self.step_count):
+        self.algorithm.after_optimizer_step(self.step_count)
+        updated = self.algorithm.is_update_step(self.step_count)
+        if updated:
             self.reparameterize()
-            return True
-        return False
+        self._arm_dense_gradients(self.step_count + 1)
+        return updated
+
+    def capture_dense_gradients(self, enable: bool = True) -> None:
+        """Capture the dense gradient from the next backward on (`step()` arms it when the method needs it).
+
+        Needed only to call `reparameterize()` by hand for a method that grows by gradient (RigL, GraNet).
+        """
+        if enable:
+            arm(self.targets, self.dense_gradient_sinks)
+        else:
+            disarm(self.targets)
+
+    def _arm_dense_gradients(self, step: int) -> None:
+        needed = self.algorithm.needs_dense_gradient(step)
+        self.capture_dense_gradients(needed)
+        if not needed:
+            for sink in self.dense_gradient_sinks:
+                sink.take()
 
     def reparameterize(self) -> None:
         """One reallocation now (for DSR: prune by threshold, adjust it, reallocate)."""
@@ -152,6 +190,14 @@ class DynamicSparsity:
         """`Parameter tensor | # total | # nonzero | sparsity`, one row per sparse tensor."""
         return stats.stats_table(self.targets)
 
+    def save_history(self, path: str) -> str:
+        """Write the reallocation history as CSV (step, sparsity, churn, itop, per-layer density, ...)."""
+        return str(stats.save_history_csv(self.history, self.targets, path))
+
+    def plot_history(self, path: str) -> str:
+        """Save a PNG of per-layer density, in-time over-parameterization and churn over training."""
+        return str(stats.plot_history(self.history, self.targets, path))
+
     def named_sparse_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """`(name, parameter)` for each sparse tensor: `layer1.0.conv1.weight` and its `weight_orig`."""
         for t in self.targets:
@@ -172,12 +218,17 @@ class DynamicSparsity:
 
     # --- state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """Everything besides the model's own tensors that an exact resume needs (plain Python values)."""
+        """Everything besides the model's own tensors that an exact resume needs.
+
+        Plain Python values, plus the `ever_active` masks and the algorithm's tensors (SNFS's momentum).
+        """
         return {
             "format": STATE_FORMAT, "method": self.method, "targets": [t.name for t in self.targets],
-            "budget": self.budget, "seed": self.seed, "step_count": self.step_count,
-            "update_index": self.update_index, "schedule": self.schedule.state_dict(),
-            "algorithm": self.algorithm.state_dict(), "config": dict(self.config), "history": list(self.history),
+            "sparsity": self.target_sparsity, "budget": self.budget, "seed": self.seed,
+            "step_count": self.step_count, "update_index": self.update_index,
+            "schedule": self.schedule.state_dict(), "algorithm": self.algorithm.state_dict(),
+            "ever_active": [m.clone() for m in self.ever_active], "config": dict(self.config),
+            "history": list(self.history),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -192,13 +243,17 @@ class DynamicSparsity:
             differ = sorted(set(state["targets"]) ^ set(names))[:5] or ["(same names, other order)"]
             raise DSTError(f"state was saved for other sparse tensors (differ: {', '.join(differ)}). Apply "
                            f"with the same include/exclude/dense_stem_and_head as the saved run.")
-        if state["budget"] != self.budget:
-            raise DSTError(f"state was saved with {state['budget']} active weights, this controller keeps "
-                           f"{self.budget}. Apply with the saved run's sparsity.")
+        if state["sparsity"] != self.target_sparsity:
+            raise DSTError(f"state was saved by a run at sparsity={state['sparsity']}; this controller targets "
+                           f"sparsity={self.target_sparsity}. Apply with the saved run's sparsity.")
         self.seed, self.step_count, self.update_index = state["seed"], state["step_count"], state["update_index"]
+        self.budget = state["budget"]
         self.schedule = UpdateSchedule(**state["schedule"])
         self.algorithm.load_state_dict(state["algorithm"])
+        for mine, saved in zip(self.ever_active, state["ever_active"]):
+            mine.copy_(saved)
         self.history = list(state["history"])
+        self._arm_dense_gradients(self.step_count + 1)
 
     # --- bookkeeping shared with the algorithms ------------------------------------------------
     def _no_changes(self) -> dict[str, list[int]]:
@@ -214,8 +269,12 @@ class DynamicSparsity:
         if sum(active) != self.budget:
             raise RuntimeError(f"dst_prune bug: {sum(active)} active weights after update "
                                f"{self.update_index} of {self.method}, expected exactly {self.budget}")
+        for ever, target in zip(self.ever_active, self.targets):
+            ever |= target.mask
+        ever_active = sum(int(e.sum()) for e in self.ever_active)
         self.history.append({"step": self.step_count, "update": self.update_index, "active": active,
-                             **self._changes, **self.algorithm.state_dict()})
+                             **self._changes, "churn": sum(self._changes["grown"]) / max(1, self.budget),
+                             "itop": ever_active / self.n_sparse, **self.algorithm.metrics()})
         logger.debug("update %d at step %d: %d pruned, %d grown", self.update_index, self.step_count,
                      sum(self._changes["pruned"]), sum(self._changes["grown"]))
         self._changes = self._no_changes()

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from dst_prune.distributions import DISTRIBUTIONS, apportion, layer_budgets, total_budget
+from dst_prune.distributions import LAYERWISE, apportion, layer_budgets, total_budget
 
 
 def test_apportion_largest_remainder_ties_to_lower_index():
@@ -60,7 +60,7 @@ def test_er_uses_the_two_channel_dims_and_erk_the_kernel_too():
     assert layer_budgets(shapes, 0.75, "erk") == [135, 225]
 
 
-@pytest.mark.parametrize("distribution", DISTRIBUTIONS)
+@pytest.mark.parametrize("distribution", LAYERWISE)
 def test_every_distribution_hits_the_budget_exactly(distribution):
     rng = random.Random(1)
     for _ in range(200):

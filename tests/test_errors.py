@@ -36,11 +36,13 @@ def test_sparsity_outside_unit_interval(sparsity):
 
 
 def test_unknown_method_lists_the_valid_ones():
-    refused(SmallCNN(), "method='rigl2' is unknown; valid choices: dsr", method="rigl2")
+    refused(SmallCNN(), "method='rigl2' is unknown; valid choices: static, set, dsr, rigl, snfs, gmp, granet.",
+            method="rigl2")
 
 
 def test_unknown_distribution_lists_the_valid_ones():
-    refused(SmallCNN(), "distribution='erdos' is unknown; valid choices: uniform, er, erk", distribution="erdos")
+    refused(SmallCNN(), "distribution='erdos' is unknown; valid choices: uniform, er, erk, global",
+            distribution="erdos")
 
 
 def test_unknown_init_lists_the_valid_ones():

@@ -155,13 +155,13 @@ def test_controller_state_is_refused_for_another_configuration():
     with pytest.raises(dst_prune.DSTError, match="state was saved for other sparse tensors"):
         other.load_state_dict(state)
     _, _, denser = build(sparsity=0.5)
-    with pytest.raises(dst_prune.DSTError, match="active weights, this controller keeps"):
+    with pytest.raises(dst_prune.DSTError, match=r"state was saved by a run at sparsity=0\.8; this controller"):
         denser.load_state_dict(state)
     with pytest.raises(dst_prune.DSTError, match=r"is not a DynamicSparsity\.state_dict\(\)"):
         dst.load_state_dict({"step": 3})
 
 
-def test_controller_state_is_plain_python():
+def test_controller_state_is_plain_values_and_tensors_loadable_with_weights_only(tmp_path):
     model, optimizer, dst = build()
     train(model, optimizer, dst, 4)
 
@@ -170,6 +170,10 @@ def test_controller_state_is_plain_python():
             return all(isinstance(k, str) and plain(v) for k, v in value.items())
         if isinstance(value, list):
             return all(plain(v) for v in value)
-        return value is None or isinstance(value, (bool, int, float, str))
+        return value is None or isinstance(value, (bool, int, float, str, torch.Tensor))
 
-    assert plain(dst.state_dict())
+    state = dst.state_dict()
+    assert plain(state)
+    torch.save(state, tmp_path / "dst.pt")
+    loaded = torch.load(tmp_path / "dst.pt", weights_only=True)
+    assert loaded["history"] == dst.history and loaded["update_index"] == dst.update_index

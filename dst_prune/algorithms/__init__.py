@@ -5,15 +5,21 @@ from __future__ import annotations
 from ..errors import DSTError
 from .base import SparseAlgorithm
 from .dsr import DSR
+from .gmp import GMP
+from .granet import GraNet
+from .rigl import RigL
+from .set import SET
+from .snfs import SNFS
+from .static import Static
 
 __all__ = ["METHODS", "SparseAlgorithm", "create_algorithm", "list_methods"]
 
-METHODS: dict[str, type[SparseAlgorithm]] = {cls.name: cls for cls in (DSR,)}
+METHODS: dict[str, type[SparseAlgorithm]] = {cls.name: cls for cls in (Static, SET, DSR, RigL, SNFS, GMP, GraNet)}
 
 
 def list_methods() -> list[str]:
     """The names accepted by `method=`."""
-    return sorted(METHODS)
+    return list(METHODS)
 
 
 def create_algorithm(method: object, hyperparameters: dict) -> SparseAlgorithm:

@@ -1,44 +1,62 @@
-"""The bookkeeping every DST algorithm shares; an algorithm only decides which positions to prune and grow.
+"""The bookkeeping every DST algorithm shares; an algorithm only decides what it ranks by.
 
 `prune` and `grow` write the bool masks in place and keep the invariants of DESIGN.md: pruned
 weights are zeroed in `weight_orig`, regrown ones start at zero, the gradient and every optimizer
 state tensor of the parameter's shape are zeroed at both, and the effective `weight` is recomputed.
-Random choices come from `generator(layer)`, seeded from `(seed, update index, layer)` only, so every
-rank of a distributed run and every resumed run draws the same masks.
+`exchange` is the drop-and-grow step of SET, RigL, SNFS and GraNet: per layer, drop the active weights
+with the lowest magnitude and grow the inactive ones with the highest score. Random choices come from
+`generator(layer)`, seeded from `(seed, update index, layer)` only, so every rank of a distributed run
+and every resumed run draws the same masks.
 """
 
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, ClassVar
 
-import numpy as np
 import torch
 
+from ..distributed import all_reduce_mean
+from ..distributions import apportion
 from ..errors import DSTError
 from ..masking import SparseTarget, unwrap_optimizer, zero_positions
+from ..schedules import DECAYS, UpdateSchedule
+from ..selection import GROWTH_STREAM, derive_seed, top_k_mask
 
 if TYPE_CHECKING:
     from ..sparsity import DynamicSparsity
 
-__all__ = ["SparseAlgorithm", "derive_seed"]
+__all__ = ["SparseAlgorithm", "check_decay", "check_fraction"]
 
-GROWTH_STREAM, INIT_STREAM = 0, 1
+def check_fraction(value: object, argument: str, low: float = 0.0, high: float = 1.0) -> float:
+    """`value` as a float in [low, high); DSTError naming `argument` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value < high:
+        raise DSTError(f"{argument} must be a number in [{low:g}, {high:g}); received {value!r}.")
+    return float(value)
 
 
-def derive_seed(seed: int, *keys: int) -> int:
-    """A 63-bit seed that depends only on `seed` and `keys` (numpy's SeedSequence hashing)."""
-    return int(np.random.SeedSequence([seed, *keys]).generate_state(2, dtype=np.uint64)[0] >> np.uint64(1))
+def check_decay(value: object) -> str:
+    if value not in DECAYS:
+        raise DSTError(f"decay={value!r} is unknown; valid choices: {', '.join(DECAYS)}.")
+    return value
 
 
 class SparseAlgorithm:
     """Base class of the DST algorithms (`method=` of `dst_prune.apply`).
 
     A subclass sets `name`, takes its hyperparameters as keyword arguments of `__init__` (validated
-    there, before the model is touched) and implements `reparameterize`.
+    there, before the model is touched) and implements `reparameterize`; it may override the schedule
+    hooks below.
     """
 
     name: ClassVar[str] = ""
+    #: starts denser and prunes to the target on its own schedule (GMP, GraNet)
+    gradual: ClassVar[bool] = False
+    #: stop reallocating at this fraction of `total_steps` unless `stop_fraction`/`stop_step` is given
+    default_stop_fraction: ClassVar[float | None] = None
+    #: whether its schedule cannot run without `total_steps` (or an explicit `stop_step`)
+    needs_total_steps: ClassVar[bool] = False
 
     def __init__(self) -> None:
         self.controller: DynamicSparsity | None = None
@@ -60,12 +78,35 @@ class SparseAlgorithm:
     def bind(self, controller: DynamicSparsity) -> None:
         self.controller = controller
 
-    # --- the parts a subclass implements -------------------------------------------------------
+    # --- what a subclass implements or overrides -----------------------------------------------
     def reparameterize(self) -> None:
-        """One reallocation of the non-zero budget. Must keep the total number of active weights."""
+        """One reallocation. Must leave exactly `controller.budget` weights active."""
         raise NotImplementedError
 
+    def check_schedule(self, schedule: UpdateSchedule) -> None:
+        """Refuse a schedule the method cannot run (before the model is touched)."""
+
+    def initial_sparsity(self, final: float) -> float:
+        """The sparsity `apply` starts from (the target, except for gradual methods)."""
+        return final
+
+    def is_update_step(self, step: int) -> bool:
+        """Whether a reallocation follows optimizer step `step` (1-based)."""
+        return self.controller.schedule.is_update_step(step)
+
+    def needs_dense_gradient(self, step: int) -> bool:
+        """Whether the dense gradient of step `step` must be captured (DESIGN.md rule 6)."""
+        return False
+
+    def after_optimizer_step(self, step: int) -> None:
+        """Called by `controller.step()` after every optimizer step, before any reallocation."""
+
+    def metrics(self) -> dict:
+        """Scalars recorded in `controller.history` at each update (threshold, drop fraction, ...)."""
+        return {}
+
     def state_dict(self) -> dict:
+        """What an exact resume needs beyond the step (schedules are pure functions of the step)."""
         return {}
 
     def load_state_dict(self, state: dict) -> None:
@@ -76,11 +117,25 @@ class SparseAlgorithm:
     def targets(self) -> list[SparseTarget]:
         return self.controller.targets
 
+    @property
+    def step(self) -> int:
+        return self.controller.step_count
+
     def generator(self, layer: int) -> torch.Generator:
         """The generator for `layer` in the current update; depends only on (seed, update index, layer)."""
-        target = self.targets[layer]
         seed = derive_seed(self.controller.seed, GROWTH_STREAM, self.controller.update_index, layer)
-        return torch.Generator(device=target.mask.device).manual_seed(seed)
+        return torch.Generator(device=self.targets[layer].mask.device).manual_seed(seed)
+
+    def dense_gradients(self) -> list[torch.Tensor]:
+        """The captured dense gradients of every target, averaged across ranks (consumed)."""
+        grads = [sink.take() for sink in self.controller.dense_gradient_sinks]
+        if any(g is None for g in grads):
+            missing = next(t.name for t, g in zip(self.targets, grads) if g is None)
+            raise DSTError(f"method={self.name!r} grows by the dense gradient, but none was captured for {missing}. "
+                           f"Call dst.step() after every optimizer step, or dst.capture_dense_gradients() before "
+                           f"the backward pass that precedes a manual dst.reparameterize().")
+        all_reduce_mean(grads)
+        return grads
 
     def prune(self, layer: int, positions: torch.Tensor) -> int:
         """Deactivate the active weights of `layer` at `positions` (bool, the parameter's shape)."""
@@ -105,3 +160,40 @@ class SparseAlgorithm:
             target.refresh()
         self.controller.record_change(layer, grown=count)
         return count
+
+    def weakest_active(self, layer: int, count: int) -> torch.Tensor:
+        """The `count` active weights of `layer` with the smallest `|w|` (ties: lower index first)."""
+        target = self.targets[layer]
+        scores = -target.orig.detach().abs().float()
+        return top_k_mask(scores.masked_fill(~target.mask, float("-inf")), count) & target.mask
+
+    def exchange(self, fraction: float, grow_scores: Callable[[int], torch.Tensor],
+                 grow_counts: Callable[[Sequence[int], Sequence[int]], list[int]] | None = None) -> None:
+        """Drop and regrow: the core of SET, RigL, SNFS and GraNet's regeneration.
+
+        Per layer, drop `floor(fraction * active)` of the active weights with the smallest magnitude
+        (never the last one), then grow as many (or `grow_counts(dropped, room)`, for a redistribution
+        across layers) at the inactive positions, just-dropped ones included, with the largest
+        `grow_scores(layer)`. A position dropped and regrown in the same update keeps its weight (RigL's
+        default), so the counts recorded are the net changes.
+        """
+        drops, rooms = [], []
+        for layer, target in enumerate(self.targets):
+            active = target.active()
+            drops.append(self.weakest_active(layer, min(int(fraction * active), active - 1)))
+            rooms.append(target.numel - active + int(drops[-1].sum()))
+        dropped = [int(d.sum()) for d in drops]
+        counts = grow_counts(dropped, rooms) if grow_counts else dropped
+        grows = []
+        for layer, target in enumerate(self.targets):
+            candidates = ~target.mask | drops[layer]
+            scores = grow_scores(layer).float().masked_fill(~candidates, float("-inf"))
+            grows.append(top_k_mask(scores, counts[layer]) & candidates)
+        for layer in range(len(self.targets)):
+            self.prune(layer, drops[layer] & ~grows[layer])
+        for layer in range(len(self.targets)):
+            self.grow(layer, grows[layer] & ~drops[layer])
+
+    def redistribute(self, dropped: Sequence[int], rooms: Sequence[int], shares: Sequence[float]) -> list[int]:
+        """Split the total dropped across layers in proportion to `shares`, within each layer's room."""
+        return apportion(sum(dropped), shares, rooms)

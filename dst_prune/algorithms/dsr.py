@@ -114,6 +114,9 @@ class DSR(SparseAlgorithm):
             grown += self.grow(layer, random_positions(candidates, count, self.generator(layer)))
         return grown
 
+    def metrics(self) -> dict:
+        return {"threshold": self.threshold}
+
     def state_dict(self) -> dict:
         return {"threshold": self.threshold}
 
