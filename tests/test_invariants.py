@@ -29,16 +29,21 @@ def loss_of(model, x, y):
     return nn.functional.cross_entropy(out, y)
 
 
+METHODS = {"dsr": {"pruning_threshold": 0.02}, "set": {}, "rigl": {"total_steps": 100},
+           "snfs": {"total_steps": 100}}
+
+
 @pytest.mark.parametrize("model_name", MODELS)
 @pytest.mark.parametrize("optimizer_name", OPTIMIZERS)
-@pytest.mark.parametrize("distribution", ["uniform", "erk"])
-def test_invariants_after_every_update(model_name, optimizer_name, distribution):
+@pytest.mark.parametrize("distribution", ["uniform", "erk", "global"])
+@pytest.mark.parametrize("method", METHODS)
+def test_invariants_after_every_update(model_name, optimizer_name, distribution, method):
     torch.manual_seed(0)
     factory, batch = MODELS[model_name]
     model = factory()
     optimizer = OPTIMIZERS[optimizer_name](model.parameters())
-    dst = dst_prune.apply(model, sparsity=0.75, distribution=distribution, optimizer=optimizer, update_every=1,
-                          dense_stem_and_head=False, pruning_threshold=0.02)
+    dst = dst_prune.apply(model, sparsity=0.75, method=method, distribution=distribution, optimizer=optimizer,
+                          update_every=1, dense_stem_and_head=False, **METHODS[method])
     assert dst.budget == round(0.25 * dst.n_sparse)
     x, y = batch()
     moved = 0

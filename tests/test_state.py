@@ -12,14 +12,18 @@ from torch import nn
 
 import dst_prune
 
-APPLY = {"sparsity": 0.8, "update_every": 2, "pruning_threshold": 0.05, "seed": 7}
+APPLY = {"sparsity": 0.8, "update_every": 2, "seed": 7}
+METHOD_ARGUMENTS = {"dsr": {"pruning_threshold": 0.05}, "set": {}, "rigl": {"total_steps": 10},
+                    "snfs": {"total_steps": 10}, "gmp": {"total_steps": 10}, "granet": {"total_steps": 10},
+                    "static": {}}
 
 
-def build(seed=0, **overrides):
+def build(seed=0, method="dsr", **overrides):
     torch.manual_seed(seed)
     model = SmallCNN()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    dst = dst_prune.apply(model, optimizer=optimizer, **{**APPLY, **overrides})
+    dst = dst_prune.apply(model, optimizer=optimizer, method=method,
+                          **{**APPLY, **METHOD_ARGUMENTS[method], **overrides})
     return model, optimizer, dst
 
 
@@ -60,14 +64,15 @@ def test_sparse_state_dict_loads_into_a_fresh_model_after_apply(tmp_path):
 
 
 @pytest.mark.parametrize("stop_at", [3, 4])
-def test_resume_is_bitwise_exact(tmp_path, stop_at):
-    straight = build()
+@pytest.mark.parametrize("method", ["dsr", "set", "rigl", "snfs", "gmp", "granet"])
+def test_resume_is_bitwise_exact(tmp_path, method, stop_at):
+    straight = build(method=method)
     train(*straight, 10)
 
-    first = build()
+    first = build(method=method)
     train(*first, stop_at)
     path = save(tmp_path, *first)
-    model, optimizer, dst = build(seed=99)
+    model, optimizer, dst = build(seed=99, method=method)
     checkpoint = torch.load(path, weights_only=True)
     model.load_state_dict(checkpoint["model"])
     optimizer.load_state_dict(checkpoint["optimizer"])
@@ -79,6 +84,7 @@ def test_resume_is_bitwise_exact(tmp_path, stop_at):
     resumed_state = optimizer.state_dict()["state"]
     assert all(same_tensors(straight_state[k], resumed_state[k]) for k in straight_state)
     assert dst.history == straight[2].history
+    assert sum(sum(r["pruned"]) for r in dst.history) > 0
 
 
 def test_resume_without_the_controller_state_diverges(tmp_path):

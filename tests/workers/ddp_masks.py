@@ -1,6 +1,9 @@
 """A 2-process DDP run (gloo, CPU) of DSR; each rank writes its mask digest and sync checks to a JSON file.
 
-    torchrun --standalone --nproc_per_node 2 tests/workers/ddp_masks.py OUT_DIR same|per-rank-seed
+    torchrun --standalone --nproc_per_node 2 tests/workers/ddp_masks.py OUT_DIR MODE
+
+MODE: `dsr`, `rigl`, `snfs` (one seed, other data on each rank) or `per-rank-seed` (DSR with a seed per
+rank, which breaks DESIGN.md rule 8 on purpose: the negative control).
 """
 
 from __future__ import annotations
@@ -19,15 +22,17 @@ from dst_prune.distributed import mask_digest
 
 
 def main(out_dir: str, mode: str) -> None:
+    method = mode if mode in ("rigl", "snfs") else "dsr"
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     torch.manual_seed(0)  # the same initial weights on every rank
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 16, 3), nn.ReLU(), nn.Flatten(),
                           nn.Linear(16 * 4 * 4, 32), nn.ReLU(), nn.Linear(32, 10))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    seed = 0 if mode == "same" else rank  # per-rank seeds break rule 8 on purpose (negative control)
-    dst = dst_prune.apply(model, sparsity=0.8, optimizer=optimizer, update_every=1, seed=seed, init="random",
-                          pruning_threshold=0.05)
+    seed = rank if mode == "per-rank-seed" else 0
+    extra = {"pruning_threshold": 0.05} if method == "dsr" else {"total_steps": 12, "decay": "constant"}
+    dst = dst_prune.apply(model, sparsity=0.8, method=method, optimizer=optimizer, update_every=1, seed=seed,
+                          init="random", **extra)
     ddp = DistributedDataParallel(model)
     checks = []
     for step in range(6):
