@@ -13,7 +13,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["load_digits", "load_mnist", "resolve_data_root"]
+__all__ = ["MNIST_MEAN", "MNIST_STD", "load_digits", "load_mnist", "load_mnist_normalized", "resolve_data_root"]
+
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 
 MNIST_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -66,6 +68,15 @@ def load_mnist(root: str | os.PathLike, split: str = "train") -> tuple[torch.Ten
     images = _read_idx(_find_idx(Path(root), images_stem))
     labels = _read_idx(_find_idx(Path(root), labels_stem))
     return torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64))
+
+
+def load_mnist_normalized(root: str | os.PathLike) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
+    """`((train_images, train_labels), (test_images, test_labels))`, images float [N, 28, 28] standardized."""
+    splits = []
+    for split in ("train", "test"):
+        images, labels = load_mnist(root, split)
+        splits.append(((images.float() / 255 - MNIST_MEAN) / MNIST_STD, labels))
+    return tuple(splits)
 
 
 def load_digits(test_fraction: float = 0.2, seed: int = 0) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:

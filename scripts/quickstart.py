@@ -15,30 +15,21 @@ import logging
 import time
 
 import torch
-from dst_prune.integrations.data import load_digits, load_mnist, resolve_data_root
 from torch import nn
 from tqdm import tqdm
 
 import dst_prune
+from dst_prune.integrations.data import load_digits, load_mnist_normalized, resolve_data_root
+from dst_prune.models import lenet_300_100
 
 logger = logging.getLogger("quickstart")
-
-
-def lenet_300_100(in_features: int, num_classes: int = 10) -> nn.Module:
-    """LeNet-300-100 (LeCun et al. 1998), the DSR paper's MNIST MLP."""
-    return nn.Sequential(nn.Flatten(), nn.Linear(in_features, 300), nn.ReLU(), nn.Linear(300, 100), nn.ReLU(),
-                         nn.Linear(100, num_classes))
 
 
 def load_data(root: str | None) -> tuple[str, tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     data_root = resolve_data_root(root)
     if data_root is not None:
-        (x_train, y_train), (x_test, y_test) = (load_mnist(data_root, split) for split in ("train", "test"))
-        mean, std = 0.1307, 0.3081
-        return ("MNIST", ((x_train.float() / 255 - mean) / std, y_train),
-                ((x_test.float() / 255 - mean) / std, y_test))
-    (x_train, y_train), (x_test, y_test) = load_digits()
-    return "digits (scikit-learn)", (x_train, y_train), (x_test, y_test)
+        return ("MNIST", *load_mnist_normalized(data_root))
+    return ("digits (scikit-learn)", *load_digits())
 
 
 @torch.no_grad()

@@ -56,6 +56,16 @@ class DSR(SparseAlgorithm):
         self._freed: list[int] = []
         self._surviving: list[int] = []
 
+    def bind(self, controller) -> None:
+        super().bind(controller)
+        if self.target_count > controller.budget / 2:
+            logger.warning(
+                "DSR: K = target_fraction_to_prune * N = %d is %.0f%% of the %d active weights, so most of them "
+                "are replaced at every update. K is a fraction of all sparse parameters; at high sparsity lower "
+                "it, e.g. target_fraction_to_prune=%.2g (10%% of the active weights, the default's ratio at 90%% "
+                "sparsity)", self.target_count, 100 * self.target_count / controller.budget, controller.budget,
+                0.1 * controller.budget / controller.n_sparse)
+
     @property
     def target_count(self) -> int:
         """`K`: the number of weights each reallocation aims to prune."""
