@@ -261,3 +261,20 @@ def test_itop_and_churn_are_measured_from_the_masks(tmp_path):
     assert len(rows) == 4 and "itop" in header and "density/conv.weight" in header
     png = dst.plot_history(tmp_path / "history.png")
     assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_rigl_gives_an_unused_tensor_a_zero_gradient():
+    class TwoBranches(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used, self.unused = nn.Linear(4, 4), nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.used(x)
+
+    model = TwoBranches()
+    dst = dst_prune.apply(model, sparsity=0.5, method="rigl", total_steps=10, update_every=1,
+                          dense_stem_and_head=False)
+    model(torch.randn(2, 4)).sum().backward()
+    assert dst.step()  # no error although no gradient reached `unused`
+    assert sum(dst.history[-1]["active"]) == dst.budget and dst.history[-1]["grown"][0] > 0

@@ -127,13 +127,16 @@ class SparseAlgorithm:
         return torch.Generator(device=self.targets[layer].mask.device).manual_seed(seed)
 
     def dense_gradients(self) -> list[torch.Tensor]:
-        """The captured dense gradients of every target, averaged across ranks (consumed)."""
+        """The captured dense gradients of every target, averaged across ranks (consumed).
+
+        A tensor no backward reached this step (an unused branch) gets a zero gradient.
+        """
         grads = [sink.take() for sink in self.controller.dense_gradient_sinks]
-        if any(g is None for g in grads):
-            missing = next(t.name for t, g in zip(self.targets, grads) if g is None)
-            raise DSTError(f"method={self.name!r} grows by the dense gradient, but none was captured for {missing}. "
-                           f"Call dst.step() after every optimizer step, or dst.capture_dense_gradients() before "
-                           f"the backward pass that precedes a manual dst.reparameterize().")
+        if all(g is None for g in grads):
+            raise DSTError(f"method={self.name!r} grows by the dense gradient, but none was captured. Call "
+                           f"dst.step() after every optimizer step, or dst.capture_dense_gradients() before the "
+                           f"backward pass that precedes a manual dst.reparameterize().")
+        grads = [torch.zeros(t.shape, device=t.mask.device) if g is None else g for g, t in zip(grads, self.targets)]
         all_reduce_mean(grads)
         return grads
 
