@@ -50,7 +50,8 @@ def train_one(job: dict) -> dict:
     if job["method"] != "dense":
         # DSR's K is a fraction of all sparse weights: keep it at 10% of the active ones (the default's ratio
         # at 90% sparsity); the default would replace every active weight at each update at 99% sparsity
-        extra = {"target_fraction_to_prune": 0.1 * (1 - job["sparsity"])} if job["method"] == "dsr" else {}
+        scaled = job["method"] == "dsr" and job["dsr_k"] == "scaled"
+        extra = {"target_fraction_to_prune": 0.1 * (1 - job["sparsity"])} if scaled else {}
         dst = dst_prune.apply(model, sparsity=job["sparsity"], method=job["method"], distribution=job["distribution"],
                               init="random", optimizer=optimizer, update_every=job["update_every"],
                               total_steps=total_steps, dense_stem_and_head=False, seed=job["seed"], **extra)
@@ -133,6 +134,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--weight-decay", type=float, default=1e-4)
     parser.add_argument("--update-every", type=int, default=100)
     parser.add_argument("--distribution", default="erk")
+    parser.add_argument("--dsr-k", choices=["scaled", "default"], default="scaled",
+                        help="DSR's K: 10%% of the active weights (scaled) or target_fraction_to_prune=0.01")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--output-dir", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args(argv)
@@ -141,7 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
     if data is None:
         parser.error("no MNIST: pass --data or set DATAPATH to the folder holding MNIST/raw")
     common = {k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "weight_decay", "update_every",
-                                            "distribution")}
+                                            "distribution", "dsr_k")}
     jobs = [{"method": m, "sparsity": s, "seed": seed, "data": str(data), **common}
             for seed in args.seeds for m in args.methods for s in (args.sparsities if m != "dense" else [0.0])]
     with ProcessPoolExecutor(args.workers) as pool:
