@@ -1,5 +1,5 @@
 # Two commands for a fresh clone on a fresh machine; each sets up what it needs in .venv first.
-#   make run    the main job: a short DST run on real data that needs no download (tables + accuracy)
+#   make run    the main job: scripts/train.py on real data that needs no download (tables + accuracy)
 #   make test   lint and the whole test suite (what CI runs)
 PYTHON ?= python3
 VENV ?= .venv
@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 # the real datasets beside the checkout (../shared/data), when they are there
 DATAPATH ?= $(wildcard $(abspath ../shared/data))
 
-.PHONY: install run run-mnist test test-fast lint clean
+.PHONY: install run run-mnist quickstart test test-fast lint clean
 
 $(STAMP): pyproject.toml setup.cfg
 	$(PYTHON) -m venv $(VENV)
@@ -19,10 +19,13 @@ $(STAMP): pyproject.toml setup.cfg
 install: $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/python scripts/quickstart.py
+	$(BIN)/python scripts/train.py
 
 run-mnist: $(STAMP)
-	DATAPATH="$(DATAPATH)" $(BIN)/python scripts/quickstart.py
+	DATAPATH="$(DATAPATH)" $(BIN)/python scripts/train.py --dataset mnist --epochs 5 --batch-size 100
+
+quickstart: $(STAMP)
+	$(BIN)/python scripts/quickstart.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from .masking import SparseTarget
 
-__all__ = ["all_reduce_mean", "check_sync", "is_distributed", "mask_digest"]
+__all__ = ["all_reduce_mean", "broadcast_masks", "check_sync", "ignore_masks_in_ddp", "is_distributed", "mask_digest"]
 
 
 def is_distributed() -> bool:
@@ -30,6 +30,29 @@ def all_reduce_mean(tensors: Sequence[torch.Tensor]) -> None:
     for tensor in tensors:
         dist.all_reduce(tensor)
         tensor.div_(world)
+
+
+def broadcast_masks(targets: Sequence[SparseTarget], src: int = 0) -> None:
+    """Give every rank the masks of rank `src` (in place), e.g. once before training if ranks could differ."""
+    if not is_distributed():
+        return
+    device = targets[0].mask.device if dist.get_backend() == "nccl" else torch.device("cpu")
+    for t in targets:
+        values = t.mask.to(device=device, dtype=torch.uint8)  # gloo has no bool collectives
+        dist.broadcast(values, src)
+        t.mask.copy_(values)
+
+
+def ignore_masks_in_ddp(model: torch.nn.Module, targets: Sequence[SparseTarget]) -> None:
+    """Tell `DistributedDataParallel` (built on `model` later) not to broadcast the masks at every forward.
+
+    The masks agree across ranks by construction (rule 8), so re-broadcasting them every forward, as DDP
+    does with buffers by default, would only cost bandwidth. Other buffers (BatchNorm statistics) are
+    unaffected.
+    """
+    names = {f"{t.module_name}.{t.tensor_name}_mask" if t.module_name else f"{t.tensor_name}_mask" for t in targets}
+    existing = set(getattr(model, "_ddp_params_and_buffers_to_ignore", ()))
+    model._ddp_params_and_buffers_to_ignore = sorted(existing | names)
 
 
 def mask_digest(targets: Sequence[SparseTarget]) -> int:

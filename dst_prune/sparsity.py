@@ -11,7 +11,7 @@ from torch import nn
 
 from . import stats
 from .algorithms.base import SparseAlgorithm
-from .distributed import check_sync
+from .distributed import broadcast_masks, check_sync, ignore_masks_in_ddp
 from .errors import DSTError
 from .gradients import DenseGradient, arm, disarm
 from .masking import SparseTarget, unwrap_optimizer
@@ -120,8 +120,17 @@ class DynamicSparsity:
         return 1.0 - sum(t.active() for t in self.targets) / self.n_sparse
 
     # --- training-loop API ---------------------------------------------------------------------
-    def step(self) -> bool:
-        """Count one optimizer step; reallocate if the schedule says so. Returns whether it did."""
+    def step(self, skipped: bool = False) -> bool:
+        """Count one optimizer step; reallocate if the schedule says so. Returns whether it did.
+
+        Args:
+            skipped: the optimizer step did not happen (fp16 loss-scale overflow): it is not counted and
+                the dense gradient captured for it is discarded.
+        """
+        if skipped:
+            for sink in self.dense_gradient_sinks:
+                sink.take()
+            return False
         self.step_count += 1
         self.algorithm.after_optimizer_step(self.step_count)
         updated = self.algorithm.is_update_step(self.step_count)
@@ -168,11 +177,26 @@ class DynamicSparsity:
         return grown
 
     def _dsr_step(self, name: str) -> object:
-        if not hasattr(self.algorithm, name):
+        if self.method != "dsr":
             raise DSTError(f"{name}() is a step of method='dsr'; this controller runs method={self.method!r}. "
                            f"Call reparameterize() instead.")
         self._ensure_attached()
         return getattr(self.algorithm, name)()
+
+    def prepare_for_ddp(self) -> None:
+        """Call on every rank before wrapping the model in DDP (or `accelerator.prepare`).
+
+        Gives every rank rank 0's masks (so ranks whose models were initialised differently still agree)
+        and keeps DDP from re-broadcasting the masks at every forward. A no-op outside a distributed run,
+        apart from the DDP setting.
+        """
+        broadcast_masks(self.targets)
+        for target, ever in zip(self.targets, self.ever_active):
+            with torch.no_grad():
+                target.orig.masked_fill_(~target.mask, 0)
+            target.refresh()
+            ever.copy_(target.mask)
+        ignore_masks_in_ddp(self.model, self.targets)
 
     def check_sync(self) -> bool:
         """Whether all ranks hold identical masks; raises RuntimeError if not. True outside DDP."""

@@ -1,0 +1,299 @@
+"""Dynamic sparse training of any timm / torchvision model with accelerate: one GPU, many, or the CPU.
+
+    python scripts/train.py                                   # LeNet-300-100 on bundled digits, DSR at 90%
+    accelerate launch scripts/train.py --model resnet50 --dataset imagefolder --data /imagenet --method rigl
+    accelerate launch --multi_gpu --num_processes 2 scripts/train.py --cpu ...   # 2-process DDP on a CPU
+
+Masks agree on every rank by construction (checked with --check-sync), reallocation counts optimizer
+steps (not micro-batches, not fp16-skipped steps), and a run resumed from any checkpoint (--resume)
+ends exactly where the uninterrupted run does. See the README's "Training script" section.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import contextlib
+import copy
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+import dst_prune
+from dst_prune.distributed import mask_digest
+from dst_prune.integrations.checkpoints import TrainingProgress, atomic_torch_save, find_checkpoint, save_checkpoint
+from dst_prune.integrations.data import resolve_data_root
+from dst_prune.integrations.datasets import DATASETS, ShardedEpochSampler, build_datasets
+from dst_prune.integrations.models import create_model
+from dst_prune.integrations.run_log import RunLog
+
+logger = logging.getLogger("train")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="lenet_300_100", help="timm name, tv:<torchvision name>, or lenet_300_100")
+    p.add_argument("--pretrained", action="store_true", help="start from pretrained weights (from local caches)")
+    p.add_argument("--dataset", default="digits", choices=DATASETS)
+    p.add_argument("--data", default=None, help="data root (default: $DATAPATH, else DATAPATH= in .env)")
+    p.add_argument("--img-size", type=int, default=None)
+    p.add_argument("--num-classes", type=int, default=None, help="synthetic data only")
+    p.add_argument("--train-subset", type=int, default=None, help="use the first N training samples")
+    p.add_argument("--val-subset", type=int, default=None, help="use the first N validation samples")
+    g = p.add_argument_group("sparsity")
+    g.add_argument("--sparsity", type=float, default=0.9)
+    g.add_argument("--method", default="dsr", choices=dst_prune.list_methods())
+    g.add_argument("--distribution", default="uniform", choices=["uniform", "er", "erk", "global"])
+    g.add_argument("--init", default="magnitude", choices=["magnitude", "random"])
+    g.add_argument("--sparse-stem-and-head", action="store_true", help="make the stem and classifier sparse too")
+    g.add_argument("--exclude", nargs="*", default=None, help="parameter names (or .-suffixes) to keep dense")
+    g.add_argument("--update-every", type=int, default=100, help="optimizer steps between reallocations")
+    g.add_argument("--double-at-epochs", type=float, nargs="*", default=(), help="epochs where the period doubles")
+    g.add_argument("--stop-epoch", type=float, default=None, help="no reallocation from this epoch on")
+    g.add_argument("--stop-fraction", type=float, default=None, help="... or from this fraction of training")
+    g.add_argument("--hp", action="append", default=[], metavar="KEY=VALUE",
+                   help="a hyperparameter of the method, e.g. --hp drop_fraction=0.3 --hp decay=cosine")
+    g.add_argument("--check-sync", action="store_true", help="compare a mask digest across ranks at every update")
+    o = p.add_argument_group("optimization")
+    o.add_argument("--epochs", type=float, default=30)
+    o.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
+    o.add_argument("--batch-size", type=int, default=32, help="per process and micro-batch")
+    o.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    o.add_argument("--optimizer", default="sgd", choices=["sgd", "adam", "adamw"])
+    o.add_argument("--lr", type=float, default=0.1)
+    o.add_argument("--momentum", type=float, default=0.9)
+    o.add_argument("--nesterov", action="store_true")
+    o.add_argument("--weight-decay", type=float, default=5e-4)
+    o.add_argument("--lr-schedule", default="cosine", choices=["cosine", "step", "constant"])
+    o.add_argument("--milestones", type=float, nargs="*", default=(), help="epochs where a step schedule decays")
+    o.add_argument("--gamma", type=float, default=0.2, help="decay factor of the step schedule")
+    o.add_argument("--warmup-steps", type=int, default=0)
+    o.add_argument("--clip-grad", type=float, default=None)
+    o.add_argument("--ema", type=float, default=0.0, help="timm ModelEmaV3 decay (0: no EMA)")
+    r = p.add_argument_group("run")
+    r.add_argument("--output-dir", type=Path, default=None)
+    r.add_argument("--resume", default=None, help="'latest' or a checkpoint folder")
+    r.add_argument("--checkpoint-every", type=int, default=None, help="optimizer steps (default: every epoch)")
+    r.add_argument("--keep-checkpoints", type=int, default=2)
+    r.add_argument("--log-every", type=int, default=20)
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--cpu", action="store_true", help="run on the CPU (gloo for multi-process)")
+    r.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"])
+    r.add_argument("--channels-last", action="store_true")
+    r.add_argument("--compile", action="store_true", help="torch.compile the model")
+    r.add_argument("--workers", type=int, default=0, help="data-loading processes")
+    args = p.parse_args(argv)
+    args.hyperparameters = {k: _literal(v) for k, v in (item.split("=", 1) for item in args.hp)}
+    if args.output_dir is None:
+        args.output_dir = Path("runs") / f"{args.dataset}-{args.model.replace(':', '_')}-{args.method}-{args.sparsity}"
+    return args
+
+
+def _literal(text: str) -> object:
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def lr_lambda(args: argparse.Namespace, total_steps: int, steps_per_epoch: float):
+    milestones = [round(m * steps_per_epoch) for m in args.milestones]
+
+    def factor(step: int) -> float:
+        if step < args.warmup_steps:
+            return (step + 1) / args.warmup_steps
+        if args.lr_schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(step / max(1, total_steps), 1.0)))
+        if args.lr_schedule == "step":
+            return args.gamma ** sum(step >= m for m in milestones)
+        return 1.0
+    return factor
+
+
+def make_optimizer(args: argparse.Namespace, model: nn.Module) -> torch.optim.Optimizer:
+    if args.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, nesterov=args.nesterov,
+                               weight_decay=args.weight_decay)
+    cls = torch.optim.AdamW if args.optimizer == "adamw" else torch.optim.Adam
+    return cls(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset, accelerator: Accelerator, args: argparse.Namespace) -> dict:
+    model.eval()
+    shard = torch.arange(accelerator.process_index, len(dataset), accelerator.num_processes)
+    loader = DataLoader(torch.utils.data.Subset(dataset, shard.tolist()), batch_size=256, num_workers=args.workers)
+    totals = torch.zeros(3, device=accelerator.device, dtype=torch.float64)
+    for x, y in loader:
+        x, y = x.to(accelerator.device), y.to(accelerator.device)
+        if args.channels_last and x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with accelerator.autocast():
+            out = model(x)
+        totals += torch.stack([nn.functional.cross_entropy(out.float(), y, reduction="sum").double(),
+                               (out.argmax(1) == y).sum().double(), torch.tensor(len(y), device=y.device).double()])
+    totals = accelerator.reduce(totals, "sum")
+    model.train()
+    return {"val_loss": float(totals[0] / totals[2]), "val_accuracy": float(totals[1] / totals[2])}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    accelerator = Accelerator(cpu=args.cpu, mixed_precision=args.mixed_precision)
+    logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
+                        format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("accelerate").setLevel(logging.WARNING)
+    torch.manual_seed(args.seed)  # the same initial weights on every rank
+    info = build_datasets(args.dataset, resolve_data_root(args.data), img_size=args.img_size,
+                          num_classes=args.num_classes)
+    train_set, val_set = info.train, info.val
+    if args.train_subset:
+        train_set = torch.utils.data.Subset(train_set, range(min(args.train_subset, len(train_set))))
+    if args.val_subset:
+        val_set = torch.utils.data.Subset(val_set, range(min(args.val_subset, len(val_set))))
+    sampler = ShardedEpochSampler(len(train_set), batch_size=args.batch_size, rank=accelerator.process_index,
+                                  world_size=accelerator.num_processes, seed=args.seed)
+    loader = DataLoader(train_set, batch_size=args.batch_size, sampler=sampler, drop_last=True,
+                        num_workers=args.workers, generator=torch.Generator().manual_seed(args.seed))
+    steps_per_epoch = sampler.batches_per_epoch / args.grad_accum
+    total_steps = args.max_steps or max(1, math.floor(args.epochs * steps_per_epoch))
+
+    model = create_model(args.model, num_classes=info.num_classes, in_chans=info.in_chans, img_size=info.img_size,
+                         pretrained=args.pretrained)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(args, model)
+    to_step = lambda epochs: max(1, round(epochs * steps_per_epoch))  # noqa: E731
+    dst = dst_prune.apply(model, sparsity=args.sparsity, method=args.method, distribution=args.distribution,
+                          init=args.init, exclude=args.exclude, dense_stem_and_head=not args.sparse_stem_and_head,
+                          optimizer=optimizer, update_every=args.update_every, total_steps=total_steps,
+                          stop_fraction=args.stop_fraction,
+                          stop_step=to_step(args.stop_epoch) if args.stop_epoch is not None else None,
+                          double_at=[to_step(e) for e in args.double_at_epochs], seed=args.seed,
+                          **args.hyperparameters)
+    dst.prepare_for_ddp()
+    raw_model = model
+    if args.compile:
+        model = torch.compile(model)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args, total_steps, steps_per_epoch))
+    model, optimizer = accelerator.prepare(model, optimizer)
+    dst.optimizer = optimizer
+    progress = TrainingProgress()
+    ema = None
+    if args.ema:
+        from timm.utils import ModelEmaV3
+
+        ema = ModelEmaV3(raw_model, decay=args.ema)
+    for obj in (dst, progress, scheduler, *([ema] if ema else [])):
+        accelerator.register_for_checkpointing(obj)
+
+    run_log = RunLog(args.output_dir, enabled=accelerator.is_main_process)
+    checkpoints = args.output_dir / "checkpoints"
+    checkpoint = find_checkpoint(args.resume, checkpoints) if args.resume else None
+    if checkpoint is not None:
+        accelerator.load_state(str(checkpoint))
+        run_log.truncate_after(progress.optimizer_steps)
+        logger.info("resumed from %s at epoch %d, batch %d, step %d", checkpoint, progress.epoch, progress.batch,
+                    progress.optimizer_steps)
+    logger.info("%s on %s: %d tensors sparse at %.4f (%s, %s), %d optimizer steps of %d x %d x %d samples",
+                args.model, args.dataset, len(dst.targets), dst.sparsity, args.method, args.distribution,
+                total_steps, args.batch_size, args.grad_accum, accelerator.num_processes)
+
+    start, running = time.perf_counter(), []
+    bar = tqdm(total=total_steps, initial=progress.optimizer_steps, disable=not accelerator.is_main_process,
+               desc="train", unit="step", dynamic_ncols=True)
+    while progress.optimizer_steps < total_steps:
+        sampler.set_epoch(progress.epoch, skip_batches=progress.batch)
+        for x, y in loader:
+            x, y = x.to(accelerator.device), y.to(accelerator.device)
+            if args.channels_last and x.ndim == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            sync = (progress.micro_batches + 1) % args.grad_accum == 0
+            with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+                with accelerator.autocast():
+                    loss = nn.functional.cross_entropy(model(x), y)
+                accelerator.backward(loss / args.grad_accum)
+            progress.micro_batches += 1
+            progress.batch += 1
+            running.append(loss.detach())
+            if not sync:
+                continue
+            if args.clip_grad:
+                accelerator.clip_grad_norm_(model.parameters(), args.clip_grad)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            progress.optimizer_steps += 1
+            updated = dst.step(skipped=accelerator.optimizer_step_was_skipped)
+            if updated and args.check_sync:
+                dst.check_sync()
+            if ema is not None:
+                ema.update(raw_model, step=progress.optimizer_steps)
+            bar.update(1)
+            if progress.optimizer_steps % args.log_every == 0 or updated:
+                record = dst.history[-1] if dst.history else {}
+                values = {"loss": float(torch.stack(running).mean()), "lr": scheduler.get_last_lr()[0],
+                          "sparsity": dst.sparsity, "epoch": progress.epoch,
+                          **{k: record[k] for k in ("threshold", "churn", "itop", "drop_fraction") if k in record}}
+                running.clear()
+                run_log.log("train", progress.optimizer_steps, values)
+                bar.set_postfix(loss=f"{values['loss']:.3f}", sparsity=f"{values['sparsity']:.4f}")
+            if args.checkpoint_every and progress.optimizer_steps % args.checkpoint_every == 0:
+                save_checkpoint(accelerator, checkpoints, progress.optimizer_steps, args.keep_checkpoints)
+            if progress.optimizer_steps >= total_steps:
+                break
+        else:  # the epoch ended
+            progress.epoch, progress.batch = progress.epoch + 1, 0
+            run_log.log("val", progress.optimizer_steps, {"epoch": progress.epoch,
+                                                            **evaluate(model, val_set, accelerator, args)})
+            if not args.checkpoint_every:
+                save_checkpoint(accelerator, checkpoints, progress.optimizer_steps, args.keep_checkpoints)
+    bar.close()
+    return finish(args, accelerator, model, raw_model, dst, ema, val_set, progress, run_log, start)
+
+
+def finish(args, accelerator, model, raw_model, dst, ema, val_set, progress, run_log, start) -> dict:
+    """Final checkpoint, evaluation, tables, plots and the sparse and dense model files."""
+    save_checkpoint(accelerator, args.output_dir / "checkpoints", progress.optimizer_steps, args.keep_checkpoints)
+    summary = {"steps": progress.optimizer_steps, "updates": dst.update_index, "sparsity": dst.sparsity,
+               "seconds": time.perf_counter() - start, **evaluate(model, val_set, accelerator, args)}
+    if ema is not None:
+        summary["ema_val_accuracy"] = evaluate(ema.module, val_set, accelerator, args)["val_accuracy"]
+    ranks = args.output_dir / "ranks"
+    ranks.mkdir(parents=True, exist_ok=True)
+    weights = float(sum(p.detach().double().abs().sum() for p in raw_model.parameters()))
+    (ranks / f"rank{accelerator.process_index}.json").write_text(json.dumps(
+        {"mask_digest": mask_digest(dst.targets), "weights_abs_sum": weights, "steps": dst.step_count,
+         "updates": dst.update_index, "micro_batches": progress.micro_batches}))
+    if accelerator.is_main_process:
+        out = args.output_dir
+        (out / "sum_table.txt").write_text(f"{dst.sum_table}\n")
+        (out / "stats_table.txt").write_text(f"{dst.stats_table}\n")
+        if dst.history:
+            dst.save_history(out / "history.csv")
+            dst.plot_history(out / "density.png")
+        atomic_torch_save(raw_model.state_dict(), out / "model_sparse.pt")
+        dense = dst_prune.remove(copy.deepcopy(raw_model))
+        atomic_torch_save(dense.state_dict(), out / "model_dense.pt")
+        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        print(dst.sum_table)
+        print(dst.stats_table)
+        print(f"{args.model} on {args.dataset}: validation accuracy {summary['val_accuracy']:.4f} at sparsity "
+              f"{dst.sparsity:.4f} ({args.method}) after {progress.optimizer_steps} steps, {dst.update_index} "
+              f"reallocations; outputs in {out}")
+    run_log.close()
+    accelerator.end_training()
+    return summary
+
+
+if __name__ == "__main__":
+    main()

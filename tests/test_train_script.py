@@ -1,0 +1,198 @@
+"""scripts/train.py as users run it: real processes, real DDP over gloo, real checkpoints on disk, real data."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import timm
+import torch
+
+import dst_prune
+from dst_prune.integrations import models  # noqa: F401  (registers lenet_300_100 with timm)
+from dst_prune.integrations.checkpoints import save_checkpoint
+from dst_prune.integrations.datasets import ShardedEpochSampler
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "train.py"
+MNIST_SLICE = ["--dataset", "mnist", "--train-subset", "640", "--val-subset", "500", "--batch-size", "16"]
+
+
+def train(*args: str, processes: int = 1, datapath: Path | None = None, cwd: Path | None = None) -> str:
+    env = {**os.environ, "DATAPATH": str(datapath or "")}
+    if processes == 1:
+        command = [sys.executable, str(SCRIPT), "--cpu", *args]
+    else:
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+                   str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                   str(SCRIPT), "--cpu", *args]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, cwd=cwd)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result.stdout
+
+
+def ranks(output: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((output / "ranks").glob("rank*.json"))]
+
+
+def checkpoint_state(folder: Path) -> dict:
+    """Everything a checkpoint holds, as tensors and plain values."""
+    state = {"model": safetensors.torch.load_file(folder / "model.safetensors"),
+             "optimizer": torch.load(folder / "optimizer.bin", weights_only=False)}
+    for path in sorted(folder.glob("custom_checkpoint_*.pkl")):
+        state[path.stem] = torch.load(path, weights_only=False)
+    return state
+
+
+def assert_same(a: object, b: object, where: str = "") -> None:
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            assert_same(a[key], b[key], f"{where}/{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+def test_sampler_shards_are_disjoint_equal_and_resume_mid_epoch():
+    shards = [ShardedEpochSampler(103, batch_size=8, rank=r, world_size=2, seed=3) for r in range(2)]
+    for shard in shards:
+        shard.set_epoch(4)
+    indices = [list(s) for s in shards]
+    assert len(indices[0]) == len(indices[1]) == 48 and not set(indices[0]) & set(indices[1])
+    shards[0].set_epoch(4, skip_batches=2)
+    assert list(shards[0]) == indices[0][16:]
+    shards[0].set_epoch(5)
+    assert list(shards[0]) != indices[0]
+
+
+def test_default_main_job_on_bundled_digits(tmp_path):
+    stdout = train("--epochs", "15", "--output-dir", str(tmp_path / "run"), cwd=tmp_path)
+    assert "# nonzero parameters in sparse" in stdout and "Parameter tensor" in stdout
+    run = tmp_path / "run"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["val_accuracy"] > 0.9 and f"{summary['sparsity']:.4f}" == "0.9000" and summary["updates"] > 0
+    for name in ("sum_table.txt", "stats_table.txt", "history.csv", "density.png", "train.csv", "val.csv"):
+        assert (run / name).stat().st_size > 0, name
+    # the plain state dict loads into an untouched model and computes what the sparse one does
+    sparse = timm.create_model("lenet_300_100", num_classes=10, in_chans=1, img_size=8)
+    dst_prune.load_sparse_state_dict(sparse, torch.load(run / "model_sparse.pt", weights_only=True))
+    dense = timm.create_model("lenet_300_100", num_classes=10, in_chans=1, img_size=8)
+    dense.load_state_dict(torch.load(run / "model_dense.pt", weights_only=True))
+    x = torch.randn(5, 1, 8, 8)
+    assert torch.equal(sparse.eval()(x), dense.eval()(x))
+
+
+@pytest.mark.slow
+def test_two_process_ddp_ends_with_identical_masks_and_weights(datapath, tmp_path):
+    train(*MNIST_SLICE, "--max-steps", "24", "--update-every", "4", "--method", "rigl", "--check-sync",
+          "--output-dir", str(tmp_path), processes=2, datapath=datapath)
+    rank0, rank1 = ranks(tmp_path)
+    assert rank0 == rank1 and rank0["updates"] == 4 and rank0["steps"] == 24
+
+
+def resume_runs(tmp_path: Path, datapath: Path, processes: int, method: str) -> tuple[Path, Path]:
+    """An uninterrupted run, and one resumed from its (mid-epoch) checkpoint at step 7."""
+    common = [*MNIST_SLICE, "--max-steps", "30", "--update-every", "3", "--grad-accum", "2", "--method", method,
+              "--checkpoint-every", "7", "--keep-checkpoints", "10", "--ema", "0.9"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train(*common, "--output-dir", str(straight), processes=processes, datapath=datapath)
+    train(*common, "--output-dir", str(resumed), "--resume", str(straight / "checkpoints" / "step-0000007"),
+          processes=processes, datapath=datapath)
+    return straight, resumed
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("processes", "method"), [(1, "snfs"), (1, "set"), (2, "rigl")])
+def test_resume_mid_epoch_is_bitwise_exact(datapath, tmp_path, processes, method):
+    straight, resumed = resume_runs(tmp_path, datapath, processes, method)
+    final = "step-0000030"
+    assert_same(checkpoint_state(straight / "checkpoints" / final), checkpoint_state(resumed / "checkpoints" / final))
+    assert ranks(straight) == ranks(resumed)
+    progress = torch.load(straight / "checkpoints" / "step-0000007" / "custom_checkpoint_1.pkl", weights_only=False)
+    assert 0 < progress["batch"] < 20 and progress["epoch"] == 0  # the resume point is mid-epoch
+    assert ranks(straight)[0]["updates"] > 0
+
+
+@pytest.mark.slow
+def test_resume_check_can_fail(datapath, tmp_path):
+    """Negative control: resuming from a checkpoint whose controller state was rewound gives other masks."""
+    common = [*MNIST_SLICE, "--max-steps", "20", "--update-every", "3", "--method", "set", "--checkpoint-every",
+              "7", "--keep-checkpoints", "10"]
+    straight = tmp_path / "straight"
+    train(*common, "--output-dir", str(straight), datapath=datapath)
+    tampered = tmp_path / "tampered-step-7"
+    shutil.copytree(straight / "checkpoints" / "step-0000007", tampered)
+    state = torch.load(tampered / "custom_checkpoint_0.pkl", weights_only=False)
+    state["update_index"] -= 1  # other growth draws from here on
+    torch.save(state, tampered / "custom_checkpoint_0.pkl")
+    train(*common, "--output-dir", str(tmp_path / "resumed"), "--resume", str(tampered), datapath=datapath)
+    assert ranks(straight)[0]["mask_digest"] != ranks(tmp_path / "resumed")[0]["mask_digest"]
+
+
+@pytest.mark.slow
+def test_gradient_accumulation_counts_optimizer_steps(datapath, tmp_path):
+    train(*MNIST_SLICE, "--max-steps", "8", "--grad-accum", "3", "--update-every", "2", "--output-dir",
+          str(tmp_path), datapath=datapath)
+    (rank,) = ranks(tmp_path)
+    assert rank["steps"] == 8 and rank["micro_batches"] == 24 and rank["updates"] == 4
+
+
+@pytest.mark.slow
+def test_bf16_autocast_smoke(tmp_path):
+    train("--dataset", "synthetic", "--model", "resnet18", "--img-size", "32", "--batch-size", "8",
+          "--max-steps", "6", "--update-every", "2", "--mixed-precision", "bf16", "--channels-last",
+          "--output-dir", str(tmp_path), cwd=tmp_path)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert f"{summary['sparsity']:.4f}" == "0.9000" and summary["updates"] == 3
+    assert torch.isfinite(torch.tensor(summary["val_loss"]))
+
+
+@pytest.mark.slow
+def test_cifar10_jpeg_zip_as_imagefolder(datapath, tmp_path):
+    archive = datapath / "cifar10-jpeg.zip"
+    if not archive.is_file():
+        pytest.skip("cifar10-jpeg.zip not in DATAPATH")
+    os.environ["DST_PRUNE_CACHE"] = str(tmp_path / "cache")
+    try:
+        train("--dataset", "imagefolder", "--data", str(archive), "--img-size", "32", "--model", "resnet18",
+              "--train-subset", "64", "--val-subset", "64", "--batch-size", "16", "--max-steps", "4",
+              "--update-every", "2", "--output-dir", str(tmp_path / "run"), datapath=datapath)
+    finally:
+        del os.environ["DST_PRUNE_CACHE"]
+    assert not any(datapath.glob("cifar10-jpeg-*"))  # nothing written next to the archive
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 4
+
+
+def test_a_crash_during_a_save_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    model = accelerator.prepare(torch.nn.Linear(2, 2))
+    save_checkpoint(accelerator, tmp_path, step=5)
+    good = (tmp_path / "step-0000005" / "model.safetensors").read_bytes()
+    real_save = accelerator.save_state
+
+    def crash_midway(output_dir: str, **kwargs):
+        real_save(output_dir, **kwargs)
+        raise KeyboardInterrupt("killed during the save")
+
+    monkeypatch.setattr(accelerator, "save_state", crash_midway)
+    with torch.no_grad():
+        model.weight.add_(1)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(accelerator, tmp_path, step=9)
+    assert (tmp_path / "latest").read_text() == "step-0000005"
+    assert (tmp_path / "step-0000005" / "model.safetensors").read_bytes() == good
+    assert not (tmp_path / "step-0000009").exists()
