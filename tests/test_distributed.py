@@ -32,6 +32,7 @@ def test_ddp_ranks_agree_on_masks_at_every_update(tmp_path, method):
     assert rank0["checks"] == rank1["checks"] == [True] * 6
     assert rank0["digest"] == rank1["digest"]
     assert rank0["weights"] == rank1["weights"]
+    assert not rank1["masks_rebroadcast_by_ddp"]  # DDP skips the masks when it broadcasts buffers
 
 
 @pytest.mark.slow

@@ -33,7 +33,17 @@ def main(out_dir: str, mode: str) -> None:
     extra = {"pruning_threshold": 0.05} if method == "dsr" else {"total_steps": 12, "decay": "constant"}
     dst = dst_prune.apply(model, sparsity=0.8, method=method, optimizer=optimizer, update_every=1, seed=seed,
                           init="random", **extra)
+    dst.prepare_for_ddp()
     ddp = DistributedDataParallel(model)
+    # DDP must not re-broadcast masks at every forward: change one mask entry on rank 1 and see it stay
+    probe = dst.targets[0].mask.view(-1)
+    original = bool(probe[0])
+    if rank == 1:
+        probe[0] = not original
+    with torch.no_grad():
+        ddp(torch.zeros(1, 3, 8, 8))
+    rebroadcast = bool(probe[0]) == original if rank == 1 else False
+    probe[0] = original
     checks = []
     for step in range(6):
         data = torch.Generator().manual_seed(1000 * rank + step)  # every rank sees other data
@@ -49,7 +59,8 @@ def main(out_dir: str, mode: str) -> None:
             checks.append(str(error))
     weights = float(sum(p.detach().double().abs().sum() for p in model.parameters()))
     result = {"rank": rank, "digest": mask_digest(dst.targets), "checks": checks, "weights": weights,
-              "updates": dst.update_index, "moved": sum(sum(r["grown"]) for r in dst.history)}
+              "updates": dst.update_index, "moved": sum(sum(r["grown"]) for r in dst.history),
+              "masks_rebroadcast_by_ddp": rebroadcast}
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
     dist.barrier()
     dist.destroy_process_group()
