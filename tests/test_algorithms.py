@@ -278,3 +278,15 @@ def test_rigl_gives_an_unused_tensor_a_zero_gradient():
     model(torch.randn(2, 4)).sum().backward()
     assert dst.step()  # no error although no gradient reached `unused`
     assert sum(dst.history[-1]["active"]) == dst.budget and dst.history[-1]["grown"][0] > 0
+
+
+def test_a_skipped_optimizer_step_is_not_counted_and_its_gradient_discarded():
+    model, dst = linear_with([[0.5, 0.0], [0.0, 0.3]], [[True, False], [False, True]], method="rigl",
+                             total_steps=100, update_every=2)
+    dst.step()  # step 1; step 2 is an update step, so its dense gradient is captured
+    backward_with_gradient(model, torch.full((2, 2), float("inf")))  # an fp16 overflow
+    assert not dst.step(skipped=True)
+    assert dst.step_count == 1 and all(s.value is None for s in dst.dense_gradient_sinks)
+    backward_with_gradient(model, torch.tensor([[0.0, 0.9], [0.1, 0.0]]))
+    assert dst.step() and dst.step_count == 2
+    assert torch.isfinite(model.weight_orig).all()
