@@ -2,12 +2,13 @@
 
 from .algorithms import list_methods
 from .api import apply, load_sparse_state_dict, remove
+from .dsmodel import DSModel
 from .errors import DSTError
 from .masking import DSTMask, is_sparse
 from .sparsity import DynamicSparsity
 
 __all__ = [
-    "DSTError", "DSTMask", "DynamicSparsity", "apply", "is_sparse", "list_methods", "load_sparse_state_dict",
+    "DSModel", "DSTError", "DSTMask", "DynamicSparsity", "apply", "is_sparse", "list_methods", "load_sparse_state_dict",
     "remove",
 ]
 
