@@ -8,6 +8,7 @@
 | `imagefolder` | `ROOT/train/<class>/*` and `ROOT/val/<class>/*` (or `test/`), or a `.zip` of that | any size RGB |
 | `synthetic` | generated | random images and labels of a given size (speed and smoke runs) |
 
+For `cifar10`, a `ROOT/cifar10-jpeg.zip` is used when the torchvision layout is not there.
 A `.zip` (such as the CIFAR-10 JPEG set) is extracted once into `~/.cache/dst_prune/` (or
 `$DST_PRUNE_CACHE`), never next to the archive.
 """
@@ -15,6 +16,7 @@ A `.zip` (such as the CIFAR-10 JPEG set) is extracted once into `~/.cache/dst_pr
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import zipfile
 from dataclasses import dataclass
@@ -26,6 +28,8 @@ from torch.utils.data import Dataset, Sampler, TensorDataset
 from .data import load_digits, load_mnist_normalized
 
 __all__ = ["DATASETS", "DatasetInfo", "ShardedEpochSampler", "build_datasets"]
+
+logger = logging.getLogger(__name__)
 
 DATASETS = ("digits", "mnist", "cifar10", "cifar100", "imagefolder", "synthetic")
 CIFAR_STATS = {"cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
@@ -94,6 +98,9 @@ def build_datasets(name: str, root: str | os.PathLike | None, *, img_size: int |
         return DatasetInfo(TensorDataset(x_train[:, None], y_train), TensorDataset(x_test[:, None], y_test), 10, 1, 28)
     from torchvision import datasets
 
+    if name == "cifar10" and not (root / "cifar-10-batches-py").is_dir() and (root / "cifar10-jpeg.zip").is_file():
+        logger.info("no cifar-10-batches-py under %s: using CIFAR-10 (JPEG) from cifar10-jpeg.zip", root)
+        return build_datasets("imagefolder", root / "cifar10-jpeg.zip", img_size=img_size or 32)
     if name in CIFAR_STATS:
         mean, std = CIFAR_STATS[name]
         size = img_size or 32

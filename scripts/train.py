@@ -43,12 +43,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="lenet_300_100", help="timm name, tv:<torchvision name>, or lenet_300_100")
     p.add_argument("--pretrained", action="store_true", help="start from pretrained weights (from local caches)")
+    p.add_argument("--model-kwargs", action="append", default=[], metavar="KEY=VALUE",
+                   help="passed to the model's constructor, e.g. --model-kwargs sb_mode=structured")
     p.add_argument("--dataset", default="digits", choices=DATASETS)
     p.add_argument("--data", default=None, help="data root (default: $DATAPATH, else DATAPATH= in .env)")
     p.add_argument("--img-size", type=int, default=None)
     p.add_argument("--num-classes", type=int, default=None, help="synthetic data only")
-    p.add_argument("--train-subset", type=int, default=None, help="use the first N training samples")
-    p.add_argument("--val-subset", type=int, default=None, help="use the first N validation samples")
+    p.add_argument("--train-subset", type=int, default=None, help="use N training samples (a seeded random subset)")
+    p.add_argument("--val-subset", type=int, default=None, help="use N validation samples (a seeded random subset)")
     g = p.add_argument_group("sparsity")
     g.add_argument("--sparsity", type=float, default=0.9)
     g.add_argument("--method", default="dsr", choices=dst_prune.list_methods())
@@ -93,6 +95,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     r.add_argument("--workers", type=int, default=0, help="data-loading processes")
     args = p.parse_args(argv)
     args.hyperparameters = {k: _literal(v) for k, v in (item.split("=", 1) for item in args.hp)}
+    args.model_arguments = {k: _literal(v) for k, v in (item.split("=", 1) for item in args.model_kwargs)}
     if args.output_dir is None:
         args.output_dir = Path("runs") / f"{args.dataset}-{args.model.replace(':', '_')}-{args.method}-{args.sparsity}"
     return args
@@ -103,6 +106,14 @@ def _literal(text: str) -> object:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError):
         return text
+
+
+def subset(dataset, size: int | None, seed: int):
+    """`size` samples of `dataset` drawn at random from `seed` (class-sorted folders make a prefix one class)."""
+    if not size or size >= len(dataset):
+        return dataset
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:size]
+    return torch.utils.data.Subset(dataset, sorted(order.tolist()))
 
 
 def lr_lambda(args: argparse.Namespace, total_steps: int, steps_per_epoch: float):
@@ -155,11 +166,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     info = build_datasets(args.dataset, resolve_data_root(args.data), img_size=args.img_size,
                           num_classes=args.num_classes)
-    train_set, val_set = info.train, info.val
-    if args.train_subset:
-        train_set = torch.utils.data.Subset(train_set, range(min(args.train_subset, len(train_set))))
-    if args.val_subset:
-        val_set = torch.utils.data.Subset(val_set, range(min(args.val_subset, len(val_set))))
+    train_set, val_set = subset(info.train, args.train_subset, args.seed), subset(info.val, args.val_subset, args.seed)
     sampler = ShardedEpochSampler(len(train_set), batch_size=args.batch_size, rank=accelerator.process_index,
                                   world_size=accelerator.num_processes, seed=args.seed)
     loader = DataLoader(train_set, batch_size=args.batch_size, sampler=sampler, drop_last=True,
@@ -168,7 +175,7 @@ def main(argv: list[str] | None = None) -> dict:
     total_steps = args.max_steps or max(1, math.floor(args.epochs * steps_per_epoch))
 
     model = create_model(args.model, num_classes=info.num_classes, in_chans=info.in_chans, img_size=info.img_size,
-                         pretrained=args.pretrained)
+                         pretrained=args.pretrained, **args.model_arguments)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(args, model)

@@ -124,4 +124,4 @@ def datapath() -> Path:
     root = os.environ.get("DATAPATH")
     if not root or not (Path(root) / "MNIST" / "raw").is_dir():
         pytest.skip("real data not available: set DATAPATH to the folder holding MNIST/raw (../shared/data)")
-    return Path(root)
+    return Path(root).resolve()
