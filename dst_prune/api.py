@@ -16,6 +16,7 @@ from torch import nn
 from .algorithms import SparseAlgorithm, create_algorithm
 from .distributions import DISTRIBUTIONS
 from .errors import DSTError
+from .groups import Grouping, groupings_for
 from .initialization import INITS, initial_masks
 from .masking import attach, attach_readers, direct_readers, is_sparse, make_permanent
 from .schedules import UpdateSchedule
@@ -78,7 +79,7 @@ def _algorithm_and_schedule(method: object, hyperparameters: dict, *, update_eve
     return algorithm, schedule
 
 
-def _attach_all(model: nn.Module, specs: list[TargetSpec], masks: list[torch.Tensor],
+def _attach_all(model: nn.Module, specs: list[TargetSpec], masks: list[torch.Tensor], groupings: list[Grouping],
                 **controller_arguments: object) -> DynamicSparsity:
     """Attach every mask, or none: on failure the touched modules are restored exactly."""
     readers = direct_readers(model, specs)
@@ -87,7 +88,7 @@ def _attach_all(model: nn.Module, specs: list[TargetSpec], masks: list[torch.Ten
     saved = {key: (dict(m._parameters), dict(m._buffers), dict(m._forward_pre_hooks), dict(m._forward_hooks),
                    set(m.__dict__)) for key, m in touched.items()}
     try:
-        targets = [attach(model, spec, mask) for spec, mask in zip(specs, masks)]
+        targets = [attach(model, spec, mask, grouping) for spec, mask, grouping in zip(specs, masks, groupings)]
         attach_readers(model, readers)
         for target in targets:  # only now, when nothing can fail any more, zero the masked weights
             with torch.no_grad():
@@ -105,7 +106,7 @@ def _attach_all(model: nn.Module, specs: list[TargetSpec], masks: list[torch.Ten
             if isinstance(module, nn.RNNBase):
                 module._init_flat_weights()
         raise
-    controller = DynamicSparsity(model, targets, budget=sum(int(m.sum()) for m in masks), **controller_arguments)
+    controller = DynamicSparsity(model, targets, budget=sum(t.active_groups() for t in targets), **controller_arguments)
     logger.info("dst_prune: %s on %d tensors, %d of %d weights active (sparsity %.4f)", controller.method,
                 len(targets), controller.budget, controller.n_sparse, controller.sparsity)
     return controller
@@ -113,7 +114,7 @@ def _attach_all(model: nn.Module, specs: list[TargetSpec], masks: list[torch.Ten
 
 def apply(model: nn.Module, *, sparsity: float, method: str = "dsr", distribution: str = "uniform",
           include: NameFilter = None, exclude: NameFilter = None, dense_stem_and_head: bool = True,
-          init: str = "magnitude", optimizer: object = None, update_every: int = 100,
+          init: str = "magnitude", granularity: str = "element", optimizer: object = None, update_every: int = 100,
           total_steps: int | None = None, stop_fraction: float | None = None, stop_step: int | None = None,
           double_at: Sequence[int] = (), seed: int = 0, **hyperparameters: object) -> DynamicSparsity:
     """Make `model` sparse in place and return the controller that keeps it so while it trains.
@@ -133,6 +134,10 @@ def apply(model: nn.Module, *, sparsity: float, method: str = "dsr", distributio
         dense_stem_and_head: keep the stem conv and the classifier dense (default selection only).
         init: `magnitude` keeps the largest weights (a pretrained model keeps its function); `random`
             draws the initial mask at random, as the papers do from scratch.
+        granularity: what is pruned, grown and counted as a whole: `element` (default), `kernel` (a
+            conv's k x k kernels), `channel` (output channels) or `n:m` (e.g. `2:4`: `n` of every `m`
+            consecutive weights along the input dimension; then `sparsity` must be `1 - n/m`). The
+            budget counts groups: exactly `round((1 - sparsity) * N_groups)` are active.
         optimizer: its state is zeroed at pruned and regrown positions (also settable later as
             `controller.optimizer`); an accelerate-wrapped optimizer works.
         update_every: reallocate every this many optimizer steps (`controller.step()` calls).
@@ -162,11 +167,14 @@ def apply(model: nn.Module, *, sparsity: float, method: str = "dsr", distributio
     start_sparsity = algorithm.initial_sparsity(sparsity)
     specs = find_targets(model, include=include, exclude=exclude, dense_stem_and_head=dense_stem_and_head)
     params = [model.get_submodule(s.module_name)._parameters[s.tensor_name] for s in specs]
+    groupings = groupings_for(granularity, [s.name for s in specs], [p.shape for p in params], sparsity=sparsity,
+                              distribution=distribution, gradual=algorithm.gradual)
     masks = initial_masks(specs, params, sparsity=start_sparsity, final_sparsity=sparsity,
-                          distribution=distribution, init=init, seed=seed)
+                          distribution=distribution, init=init, seed=seed, groupings=groupings)
     DynamicSparsity.check_optimizer(optimizer)
-    config = {"distribution": distribution, "init": init, "hyperparameters": dict(hyperparameters)}
-    return _attach_all(model, specs, masks, algorithm=algorithm, schedule=schedule, seed=seed,
+    config = {"distribution": distribution, "init": init, "granularity": granularity,
+              "hyperparameters": dict(hyperparameters)}
+    return _attach_all(model, specs, masks, groupings, algorithm=algorithm, schedule=schedule, seed=seed,
                        target_sparsity=sparsity, distribution=distribution, total_steps=total_steps,
                        optimizer=optimizer, config=config)
 
@@ -188,8 +196,8 @@ def remove(model: nn.Module) -> nn.Module:
 
 
 def load_sparse_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, method: str = "dsr",
-                           optimizer: object = None, update_every: int = 100, total_steps: int | None = None,
-                           stop_step: int | None = None, seed: int = 0,
+                           granularity: str = "element", optimizer: object = None, update_every: int = 100,
+                           total_steps: int | None = None, stop_step: int | None = None, seed: int = 0,
                            **hyperparameters: object) -> DynamicSparsity:
     """Load a sparse checkpoint into a fresh (dense) model without knowing how it was made sparse.
 
@@ -225,8 +233,14 @@ def load_sparse_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tens
     masks = [torch.empty_like(p, dtype=torch.bool).copy_(state_dict[s.name + "_mask"]) for p, s in zip(params, specs)]
     DynamicSparsity.check_optimizer(optimizer)
     active, total = sum(int(m.sum()) for m in masks), sum(m.numel() for m in masks)
-    controller = _attach_all(model, specs, masks, algorithm=algorithm, schedule=schedule, seed=seed,
+    groupings = groupings_for(granularity, names, [p.shape for p in params], sparsity=1 - active / total,
+                              distribution="uniform", gradual=algorithm.gradual)
+    for spec, mask, grouping in zip(specs, masks, groupings):
+        if not torch.equal(grouping.expand(grouping.group_mask(mask)), mask):
+            raise DSTError(f"{spec.name}: the checkpoint's mask is not made of whole {granularity} groups. Pass the "
+                           f"granularity it was trained with.")
+    controller = _attach_all(model, specs, masks, groupings, algorithm=algorithm, schedule=schedule, seed=seed,
                              target_sparsity=1 - active / total, distribution="uniform", total_steps=total_steps,
-                             optimizer=optimizer, config={"loaded": True})
+                             optimizer=optimizer, config={"loaded": True, "granularity": granularity})
     model.load_state_dict(state_dict)
     return controller

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
-from .masking import SparseTarget
+from .sparse_target import SparseTarget
 
 __all__ = ["all_reduce_mean", "broadcast_masks", "check_sync", "ignore_masks_in_ddp", "is_distributed", "mask_digest"]
 

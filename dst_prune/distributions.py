@@ -81,23 +81,31 @@ def _density_weight(shape: Sequence[int], distribution: str) -> float:
     return sum(dims) / math.prod(dims)
 
 
-def layer_shares(shapes: Sequence[Sequence[int]], distribution: str) -> list[float]:
-    """Each layer's share of the non-zeros under a layer-wise distribution (density weight times size)."""
-    return [_density_weight(s, distribution) * math.prod(s) for s in shapes]
+def layer_shares(shapes: Sequence[Sequence[int]], distribution: str,
+                 sizes: Sequence[int] | None = None) -> list[float]:
+    """Each layer's share of the non-zeros under a layer-wise distribution (density weight times size).
+
+    `sizes` counts the units the budget is in (groups; default: elements); the density weight always
+    comes from the weight's shape.
+    """
+    sizes = sizes if sizes is not None else [math.prod(s) for s in shapes]
+    return [_density_weight(s, distribution) * n for s, n in zip(shapes, sizes)]
 
 
-def layer_budgets(shapes: Sequence[Sequence[int]], sparsity: float, distribution: str) -> list[int]:
+def layer_budgets(shapes: Sequence[Sequence[int]], sparsity: float, distribution: str,
+                  sizes: Sequence[int] | None = None) -> list[int]:
     """The number of non-zeros of each layer.
 
     Args:
         shapes: the shape of each sparse tensor.
         sparsity: the global fraction of zeros over all of them, in [0, 1).
         distribution: one of `LAYERWISE`.
+        sizes: the number of groups of each layer, when the budget counts groups (structured sparsity).
 
     Returns:
         One count per layer, summing to exactly `round((1 - sparsity) * N)`.
     """
     if distribution not in LAYERWISE:
         raise DSTError(f"distribution={distribution!r} is not layer-wise; valid choices: {', '.join(LAYERWISE)}.")
-    sizes = [math.prod(s) for s in shapes]
-    return apportion(total_budget(sparsity, sum(sizes)), layer_shares(shapes, distribution), sizes)
+    sizes = sizes if sizes is not None else [math.prod(s) for s in shapes]
+    return apportion(total_budget(sparsity, sum(sizes)), layer_shares(shapes, distribution, sizes), sizes)

@@ -8,6 +8,7 @@ import torch
 
 from .distributions import layer_budgets, total_budget
 from .errors import DSTError
+from .groups import Grouping, top_k_per_block
 from .selection import INIT_STREAM, derive_seed, global_top_k, top_k_mask
 from .targets import TargetSpec
 
@@ -16,17 +17,17 @@ __all__ = ["INITS", "initial_masks"]
 INITS = ("magnitude", "random")
 
 
-def _like(param: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """`mask` as a bool tensor with `param`'s device and memory format."""
-    return torch.empty_like(param, dtype=torch.bool).copy_(mask.view(param.shape))
+def _like(param: torch.Tensor, grouping: Grouping, groups: torch.Tensor) -> torch.Tensor:
+    """The element mask of `groups`, as a bool tensor with `param`'s device and memory format."""
+    return torch.empty_like(param, dtype=torch.bool).copy_(grouping.expand(groups.to(param.device)))
 
 
-def _scores(param: torch.Tensor, init: str, seed: int, layer: int) -> torch.Tensor:
-    """What `init` ranks by: `|w|`, or uniform noise from a CPU generator (the same mask on every device)."""
+def _scores(param: torch.Tensor, grouping: Grouping, init: str, seed: int, layer: int) -> torch.Tensor:
+    """What `init` ranks groups by: mean `|w|`, or uniform noise from a CPU generator (same on every device)."""
     if init == "magnitude":
-        return param.detach().abs()
+        return grouping.reduce(param)
     generator = torch.Generator().manual_seed(derive_seed(seed, INIT_STREAM, layer))
-    return torch.rand(param.shape, generator=generator)
+    return torch.rand(grouping.group_shape, generator=generator)
 
 
 def _refuse_empty(specs: Sequence[TargetSpec], counts: Sequence[int], sparsity: float, distribution: str) -> None:
@@ -38,8 +39,9 @@ def _refuse_empty(specs: Sequence[TargetSpec], counts: Sequence[int], sparsity: 
 
 
 def initial_masks(specs: Sequence[TargetSpec], params: Sequence[torch.Tensor], *, sparsity: float,
-                  final_sparsity: float, distribution: str, init: str, seed: int) -> list[torch.Tensor]:
-    """Bool masks with exactly `round((1 - sparsity) * N)` True entries in all.
+                  final_sparsity: float, distribution: str, init: str, seed: int,
+                  groupings: Sequence[Grouping] | None = None) -> list[torch.Tensor]:
+    """Bool masks with exactly `round((1 - sparsity) * N)` active groups in all (`N` groups; weights by default).
 
     Args:
         specs: the targets, for error messages.
@@ -50,17 +52,25 @@ def initial_masks(specs: Sequence[TargetSpec], params: Sequence[torch.Tensor], *
             `global` (the top scores of the whole model, at least one per layer).
         init: `magnitude` (the largest `|w|`, ties to the lower index) or `random`.
         seed: the seed of `random`.
+        groupings: the groups pruned as wholes (`granularity`); weights by default. With `n:m`, every
+            block of `m` keeps its `n` best.
     """
-    shapes = [p.shape for p in params]
-    scores = [_scores(p, init, seed, i) for i, p in enumerate(params)]
-    if distribution == "global":
-        n = sum(p.numel() for p in params)
+    groupings = groupings or [Grouping("element", p.shape) for p in params]
+    shapes, sizes = [p.shape for p in params], [g.n_groups for g in groupings]
+    scores = [_scores(p, g, init, seed, i) for i, (p, g) in enumerate(zip(params, groupings))]
+    if groupings[0].kind == "n:m":
+        chosen = [g.from_blocks(top_k_per_block(g.to_blocks(s), torch.full((g.n_groups // g.block,), g.keep)))
+                  for g, s in zip(groupings, scores)]
+    elif distribution == "global":
+        n = sum(sizes)
         for s in (sparsity, final_sparsity):
             if total_budget(s, n) < len(params):
                 raise DSTError(f"sparsity={s} leaves {total_budget(s, n)} active weights for {len(params)} sparse "
                                f"tensors; distribution='global' keeps at least one in each. Lower the sparsity.")
-        return [_like(p, m) for p, m in zip(params, global_top_k(scores, total_budget(sparsity, n)))]
-    _refuse_empty(specs, layer_budgets(shapes, final_sparsity, distribution), final_sparsity, distribution)
-    counts = layer_budgets(shapes, sparsity, distribution)
-    _refuse_empty(specs, counts, sparsity, distribution)
-    return [_like(p, top_k_mask(s, c)) for p, s, c in zip(params, scores, counts)]
+        chosen = global_top_k(scores, total_budget(sparsity, n))
+    else:
+        _refuse_empty(specs, layer_budgets(shapes, final_sparsity, distribution, sizes), final_sparsity, distribution)
+        counts = layer_budgets(shapes, sparsity, distribution, sizes)
+        _refuse_empty(specs, counts, sparsity, distribution)
+        chosen = [top_k_mask(s, c) for s, c in zip(scores, counts)]
+    return [_like(p, g, c) for p, g, c in zip(params, groupings, chosen)]

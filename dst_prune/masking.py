@@ -23,11 +23,12 @@ from torch import nn
 from torch.nn.utils import prune
 
 from .gradients import sink_for
+from .groups import Grouping
+from .sparse_target import SparseTarget
 from .targets import TargetSpec
 
 __all__ = [
-    "DSTMask", "SparseTarget", "attach", "direct_readers", "is_sparse", "make_permanent", "mask_hooks",
-    "unwrap_optimizer",
+    "DSTMask", "attach", "direct_readers", "is_sparse", "make_permanent", "mask_hooks", "unwrap_optimizer",
 ]
 
 logger = logging.getLogger(__name__)
@@ -128,48 +129,6 @@ class ReleaseChildWeights(ComputeChildWeights):
                 setattr(child, name, weight.detach())
 
 
-class SparseTarget:
-    """A sparse parameter of a live model: finds its tensors on its module at every call.
-
-    Looking them up each time (rather than holding the tensors) keeps it right after `model.to(...)`,
-    `load_state_dict` or anything else that replaces a buffer.
-    """
-
-    def __init__(self, spec: TargetSpec, module: nn.Module) -> None:
-        self.name, self.module_name, self.tensor_name = spec.name, spec.module_name, spec.tensor_name
-        self.module = module
-        self.numel = module._parameters[spec.tensor_name + "_orig"].numel() if self.attached else 0
-
-    @property
-    def attached(self) -> bool:
-        return self.tensor_name + "_orig" in self.module._parameters
-
-    @property
-    def orig(self) -> nn.Parameter:
-        return self.module._parameters[self.tensor_name + "_orig"]
-
-    @property
-    def mask(self) -> torch.Tensor:
-        return self.module._buffers[self.tensor_name + "_mask"]
-
-    @property
-    def shape(self) -> torch.Size:
-        return self.orig.shape
-
-    def active(self) -> int:
-        """The number of active (unmasked) weights."""
-        return int(self.mask.sum())
-
-    def refresh(self) -> None:
-        """Recompute the effective `weight` from `weight_orig` and the mask, detached."""
-        with torch.no_grad():
-            # setattr (not __dict__) so that nn.RNNBase keeps its _flat_weights in sync
-            setattr(self.module, self.tensor_name, self.orig * self.mask)
-
-    def __repr__(self) -> str:
-        return f"SparseTarget({self.name!r})"
-
-
 def unwrap_optimizer(optimizer: object) -> torch.optim.Optimizer | None:
     """The `torch.optim.Optimizer` inside wrappers such as accelerate's `AcceleratedOptimizer`."""
     seen = 0
@@ -198,14 +157,14 @@ def zero_positions(target: SparseTarget, positions: torch.Tensor, optimizer: tor
             state.masked_fill_(positions.to(state.device), 0)
 
 
-def attach(model: nn.Module, spec: TargetSpec, mask: torch.Tensor) -> SparseTarget:
+def attach(model: nn.Module, spec: TargetSpec, mask: torch.Tensor, grouping: Grouping | None = None) -> SparseTarget:
     """Attach the prune method to one parameter with `mask` (bool); the weights are left as they are."""
     module = model.get_submodule(spec.module_name)
     with torch.no_grad():
         DSTMask.apply(module, spec.tensor_name, mask=mask)
     if not any(isinstance(h, DetachMaskedWeights) for h in module._forward_hooks.values()):
         module.register_forward_hook(DetachMaskedWeights())
-    return SparseTarget(spec, module)
+    return SparseTarget(spec, module, grouping)
 
 
 def attach_readers(model: nn.Module, readers: dict[str, list[tuple[str, str]]]) -> None:

@@ -14,8 +14,9 @@ from .algorithms.base import SparseAlgorithm
 from .distributed import broadcast_masks, check_sync, ignore_masks_in_ddp
 from .errors import DSTError
 from .gradients import DenseGradient, arm, disarm
-from .masking import SparseTarget, unwrap_optimizer
+from .masking import unwrap_optimizer
 from .schedules import UpdateSchedule
+from .sparse_target import SparseTarget
 
 __all__ = ["DynamicSparsity"]
 
@@ -113,6 +114,11 @@ class DynamicSparsity:
     def n_sparse(self) -> int:
         """The number of parameters in the sparse tensors, zeros included."""
         return sum(t.numel for t in self.targets)
+
+    @property
+    def n_groups(self) -> int:
+        """The number of groups the budget counts (the number of sparse parameters for `element`)."""
+        return sum(t.n_groups for t in self.targets)
 
     @property
     def sparsity(self) -> float:
@@ -248,7 +254,8 @@ class DynamicSparsity:
         """
         return {
             "format": STATE_FORMAT, "method": self.method, "targets": [t.name for t in self.targets],
-            "sparsity": self.target_sparsity, "budget": self.budget, "seed": self.seed,
+            "sparsity": self.target_sparsity, "granularity": self.config.get("granularity", "element"),
+            "budget": self.budget, "seed": self.seed,
             "step_count": self.step_count, "update_index": self.update_index,
             "schedule": self.schedule.state_dict(), "algorithm": self.algorithm.state_dict(),
             "ever_active": [m.clone() for m in self.ever_active], "config": dict(self.config),
@@ -270,6 +277,10 @@ class DynamicSparsity:
         if state["sparsity"] != self.target_sparsity:
             raise DSTError(f"state was saved by a run at sparsity={state['sparsity']}; this controller targets "
                            f"sparsity={self.target_sparsity}. Apply with the saved run's sparsity.")
+        granularity = self.config.get("granularity", "element")
+        if state["granularity"] != granularity:
+            raise DSTError(f"state was saved by a run with granularity={state['granularity']!r}; this controller "
+                           f"has granularity={granularity!r}. Apply with the saved run's granularity.")
         self.seed, self.step_count, self.update_index = state["seed"], state["step_count"], state["update_index"]
         self.budget = state["budget"]
         self.schedule = UpdateSchedule(**state["schedule"])
@@ -289,7 +300,7 @@ class DynamicSparsity:
         self._changes["grown"][layer] += grown
 
     def _finish_update(self) -> None:
-        active = [t.active() for t in self.targets]
+        active = [t.active_groups() for t in self.targets]
         if sum(active) != self.budget:
             raise RuntimeError(f"dst_prune bug: {sum(active)} active weights after update "
                                f"{self.update_index} of {self.method}, expected exactly {self.budget}")

@@ -13,7 +13,7 @@ from pathlib import Path
 from prettytable import PrettyTable
 from torch import nn
 
-from .masking import SparseTarget
+from .sparse_target import SparseTarget
 
 __all__ = ["STATS_COLUMNS", "SUM_COLUMNS", "count_parameters", "stats_table", "sum_table"]
 
@@ -54,14 +54,14 @@ def stats_table(targets: Sequence[SparseTarget]) -> PrettyTable:
 
 def history_rows(history: Sequence[dict], targets: Sequence[SparseTarget]) -> list[dict]:
     """One flat row per reallocation: step, sparsity, churn, itop, the algorithm's metrics, per-layer density."""
-    n_sparse = sum(t.numel for t in targets)
+    n_groups = sum(t.n_groups for t in targets)  # the history counts groups (weights, for `element`)
     rows = []
     for record in history:
         row = {"step": record["step"], "update": record["update"],
-               "sparsity": 1.0 - sum(record["active"]) / n_sparse,
+               "sparsity": 1.0 - sum(record["active"]) / n_groups,
                "pruned": sum(record["pruned"]), "grown": sum(record["grown"])}
         row.update({k: v for k, v in record.items() if isinstance(v, (int, float)) and k not in row})
-        row.update({f"density/{t.name}": a / t.numel for t, a in zip(targets, record["active"])})
+        row.update({f"density/{t.name}": a / t.n_groups for t, a in zip(targets, record["active"])})
         rows.append(row)
     return rows
 

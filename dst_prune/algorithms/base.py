@@ -20,9 +20,11 @@ import torch
 from ..distributed import all_reduce_mean
 from ..distributions import apportion
 from ..errors import DSTError
-from ..masking import SparseTarget, unwrap_optimizer, zero_positions
+from ..groups import top_k_per_block
+from ..masking import unwrap_optimizer, zero_positions
 from ..schedules import DECAYS, UpdateSchedule
 from ..selection import GROWTH_STREAM, derive_seed, top_k_mask
+from ..sparse_target import SparseTarget
 
 if TYPE_CHECKING:
     from ..sparsity import DynamicSparsity
@@ -140,24 +142,26 @@ class SparseAlgorithm:
         all_reduce_mean(grads)
         return grads
 
-    def prune(self, layer: int, positions: torch.Tensor) -> int:
-        """Deactivate the active weights of `layer` at `positions` (bool, the parameter's shape)."""
+    def prune(self, layer: int, groups: torch.Tensor) -> int:
+        """Deactivate the active groups of `layer` at `groups` (bool, the grouping's group shape)."""
         target = self.targets[layer]
-        positions = positions & target.mask
-        count = int(positions.sum())
+        groups = groups & target.group_mask()
+        count = int(groups.sum())
         if count:
+            positions = target.grouping.expand(groups)
             target.mask.masked_fill_(positions, False)
             zero_positions(target, positions, unwrap_optimizer(self.controller.optimizer))
             target.refresh()
         self.controller.record_change(layer, pruned=count)
         return count
 
-    def grow(self, layer: int, positions: torch.Tensor) -> int:
-        """Activate the inactive weights of `layer` at `positions`, starting at zero with zero state."""
+    def grow(self, layer: int, groups: torch.Tensor) -> int:
+        """Activate the inactive groups of `layer` at `groups`, starting at zero with zero optimizer state."""
         target = self.targets[layer]
-        positions = positions & ~target.mask
-        count = int(positions.sum())
+        groups = groups & ~target.group_mask()
+        count = int(groups.sum())
         if count:
+            positions = target.grouping.expand(groups)
             target.mask.masked_fill_(positions, True)
             zero_positions(target, positions, unwrap_optimizer(self.controller.optimizer))
             target.refresh()
@@ -165,31 +169,43 @@ class SparseAlgorithm:
         return count
 
     def weakest_active(self, layer: int, count: int) -> torch.Tensor:
-        """The `count` active weights of `layer` with the smallest `|w|` (ties: lower index first)."""
+        """The `count` active groups of `layer` with the smallest mean `|w|` (ties: lower index first)."""
         target = self.targets[layer]
-        scores = -target.orig.detach().abs().float()
-        return top_k_mask(scores.masked_fill(~target.mask, float("-inf")), count) & target.mask
+        active = target.group_mask()
+        return top_k_mask((-target.scores(target.orig)).masked_fill(~active, float("-inf")), count) & active
+
+    def regrow_in_blocks(self, layer: int, scores: torch.Tensor, candidates: torch.Tensor,
+                         counts_from: torch.Tensor) -> torch.Tensor:
+        """For `n:m`: in each block, as many of the best-scoring candidates as `counts_from` has in the block."""
+        grouping = self.targets[layer].grouping
+        block_scores = grouping.to_blocks(scores.float().masked_fill(~candidates, float("-inf")))
+        chosen = top_k_per_block(block_scores, grouping.to_blocks(counts_from).sum(1))
+        return grouping.from_blocks(chosen) & candidates
 
     def exchange(self, fraction: float, grow_scores: Callable[[int], torch.Tensor],
                  grow_counts: Callable[[Sequence[int], Sequence[int]], list[int]] | None = None) -> None:
         """Drop and regrow: the core of SET, RigL, SNFS and GraNet's regeneration.
 
-        Per layer, drop `floor(fraction * active)` of the active weights with the smallest magnitude
-        (never the last one), then grow as many (or `grow_counts(dropped, room)`, for a redistribution
-        across layers) at the inactive positions, just-dropped ones included, with the largest
-        `grow_scores(layer)`. A position dropped and regrown in the same update keeps its weight (RigL's
-        default), so the counts recorded are the net changes.
+        Per layer, drop `floor(fraction * active)` of the active groups with the smallest magnitude (never
+        the last one), then grow as many (or `grow_counts(dropped, room)`, for a redistribution across
+        layers) at the inactive groups, just-dropped ones included, with the largest `grow_scores(layer)`
+        (group scores). A group dropped and regrown in the same update keeps its weights (RigL's
+        default), so the counts recorded are the net changes. With `n:m` granularity each block regrows
+        exactly what it dropped, so every block keeps `n` active weights.
         """
         drops, rooms = [], []
         for layer, target in enumerate(self.targets):
-            active = target.active()
+            active = target.active_groups()
             drops.append(self.weakest_active(layer, min(int(fraction * active), active - 1)))
-            rooms.append(target.numel - active + int(drops[-1].sum()))
+            rooms.append(target.n_groups - active + int(drops[-1].sum()))
         dropped = [int(d.sum()) for d in drops]
         counts = grow_counts(dropped, rooms) if grow_counts else dropped
         grows = []
         for layer, target in enumerate(self.targets):
-            candidates = ~target.mask | drops[layer]
+            candidates = ~target.group_mask() | drops[layer]
+            if target.grouping.kind == "n:m":
+                grows.append(self.regrow_in_blocks(layer, grow_scores(layer), candidates, drops[layer]))
+                continue
             scores = grow_scores(layer).float().masked_fill(~candidates, float("-inf"))
             grows.append(top_k_mask(scores, counts[layer]) & candidates)
         for layer in range(len(self.targets)):

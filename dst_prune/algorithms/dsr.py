@@ -8,7 +8,7 @@ import torch
 
 from ..distributions import apportion
 from ..errors import DSTError
-from ..selection import random_positions
+from ..selection import random_positions, top_k_mask
 from .base import SparseAlgorithm
 
 __all__ = ["DSR"]
@@ -64,12 +64,12 @@ class DSR(SparseAlgorithm):
                 "are replaced at every update. K is a fraction of all sparse parameters; at high sparsity lower "
                 "it, e.g. target_fraction_to_prune=%.2g (10%% of the active weights, the default's ratio at 90%% "
                 "sparsity)", self.target_count, 100 * self.target_count / controller.budget, controller.budget,
-                0.1 * controller.budget / controller.n_sparse)
+                0.1 * controller.budget / controller.n_groups)
 
     @property
     def target_count(self) -> int:
-        """`K`: the number of weights each reallocation aims to prune."""
-        return round(self.target_fraction_to_prune * self.controller.n_sparse)
+        """`K`: the number of weights (groups) each reallocation aims to prune."""
+        return round(self.target_fraction_to_prune * self.controller.n_groups)
 
     def reparameterize(self) -> None:
         self.prune_by_threshold()
@@ -77,18 +77,15 @@ class DSR(SparseAlgorithm):
         self.reallocate_free_parameters()
 
     def prune_by_threshold(self) -> int:
-        """Step 1: prune the active weights below the threshold. Returns the number pruned."""
+        """Step 1: prune the active weights (groups: by their mean `|w|`) below the threshold. Returns how many."""
         self._pruned, self._freed, self._surviving = [], [], []
         for layer, target in enumerate(self.targets):
-            mask = target.mask
-            magnitude = target.orig.detach().abs()
-            below = mask & (magnitude < self.threshold)
-            active = int(mask.sum())
-            if active and int(below.sum()) == active:  # keep the strongest weight: never empty a tensor
-                strongest = magnitude.masked_fill(~mask, -1).reshape(-1).argmax()
-                keep = torch.zeros(mask.numel(), dtype=torch.bool, device=mask.device)
-                keep[strongest] = True
-                below &= ~keep.view(mask.shape)
+            active_groups = target.group_mask()
+            magnitude = target.scores(target.orig)
+            below = active_groups & (magnitude < self.threshold)
+            active = int(active_groups.sum())
+            if active and int(below.sum()) == active:  # keep the strongest: never empty a tensor
+                below &= ~top_k_mask(magnitude.masked_fill(~active_groups, -1.0), 1)
             freed = self.prune(layer, below)
             self._pruned.append(below)
             self._freed.append(freed)
@@ -106,21 +103,30 @@ class DSR(SparseAlgorithm):
         return self.threshold
 
     def reallocate_free_parameters(self) -> int:
-        """Step 3: regrow the freed budget in proportion to the survivors. Returns the number grown."""
+        """Step 3: regrow the freed budget in proportion to the survivors. Returns the number grown.
+
+        With `n:m` granularity each block regrows what it lost (the pattern fixes every block's count).
+        """
         if self._pruned is None:
             return 0
         pruned, freed, surviving = self._pruned, sum(self._freed), self._surviving
         self._pruned = None
-        room = [t.numel - r - k for t, r, k in zip(self.targets, surviving, self._freed)]
+        room = [t.n_groups - r - k for t, r, k in zip(self.targets, surviving, self._freed)]
         reuse_pruned = freed > sum(room)
         if reuse_pruned:  # denser than 50%: not enough never-pruned zeros, so reuse just-pruned slots too
             logger.warning("DSR: %d weights freed but only %d inactive positions were not just pruned; "
                            "regrowing some at positions pruned in this update", freed, sum(room))
-            room = [t.numel - r for t, r in zip(self.targets, surviving)]
+            room = [t.n_groups - r for t, r in zip(self.targets, surviving)]
         counts = apportion(freed, surviving, room)
         grown = 0
         for layer, (target, count) in enumerate(zip(self.targets, counts)):
-            candidates = ~target.mask if reuse_pruned else ~(target.mask | pruned[layer])
+            inactive = ~target.group_mask()
+            if target.grouping.kind == "n:m":  # prefer never-pruned zeros, within each block
+                scores = torch.rand(inactive.shape, generator=self.generator(layer), device=inactive.device)
+                grown += self.grow(layer, self.regrow_in_blocks(layer, scores + 2.0 * ~pruned[layer], inactive,
+                                                                pruned[layer]))
+                continue
+            candidates = inactive if reuse_pruned else inactive & ~pruned[layer]
             grown += self.grow(layer, random_positions(candidates, count, self.generator(layer)))
         return grown
 

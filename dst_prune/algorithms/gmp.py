@@ -66,16 +66,17 @@ class GMP(SparseAlgorithm):
     def prune_to_schedule(self) -> None:
         """Prune the smallest active weights until exactly `round((1 - s_t) * N)` remain."""
         controller = self.controller
-        budget = min(total_budget(self.current_sparsity(), controller.n_sparse), controller.budget)
-        magnitudes = [t.orig.detach().abs().float().masked_fill(~t.mask, float("-inf")) for t in self.targets]
+        budget = min(total_budget(self.current_sparsity(), controller.n_groups), controller.budget)
+        magnitudes = [t.scores(t.orig).masked_fill(~t.group_mask(), float("-inf")) for t in self.targets]
         if controller.distribution == "global":
             keep = global_top_k(magnitudes, budget)
         else:
-            shares = layer_shares([t.shape for t in self.targets], controller.distribution)
-            counts = apportion(budget, shares, [t.active() for t in self.targets])
+            shares = layer_shares([t.shape for t in self.targets], controller.distribution,
+                                  [t.n_groups for t in self.targets])
+            counts = apportion(budget, shares, [t.active_groups() for t in self.targets])
             keep = [top_k_mask(m, c) for m, c in zip(magnitudes, counts)]
         for layer, (target, kept) in enumerate(zip(self.targets, keep)):
-            self.prune(layer, target.mask & ~kept)
+            self.prune(layer, target.group_mask() & ~kept)
         controller.budget = budget
 
     def reparameterize(self) -> None:

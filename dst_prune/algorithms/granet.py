@@ -43,7 +43,7 @@ class GraNet(GMP):
     def reparameterize(self) -> None:
         gradients = self.dense_gradients()
         self.prune_to_schedule()
-        self.exchange(self.current_drop_fraction(), lambda layer: gradients[layer].abs())
+        self.exchange(self.current_drop_fraction(), lambda layer: self.targets[layer].scores(gradients[layer]))
 
     def metrics(self) -> dict:
         return {**super().metrics(), "drop_fraction": self.current_drop_fraction()}

@@ -39,7 +39,7 @@ class RigL(SparseAlgorithm):
 
     def reparameterize(self) -> None:
         gradients = self.dense_gradients()
-        self.exchange(self.current_drop_fraction(), lambda layer: gradients[layer].abs())
+        self.exchange(self.current_drop_fraction(), lambda layer: self.targets[layer].scores(gradients[layer]))
 
     def metrics(self) -> dict:
         return {"drop_fraction": self.current_drop_fraction()}

@@ -37,8 +37,8 @@ class SET(SparseAlgorithm):
         return decayed_fraction(self.drop_fraction, self.step, self.controller.decay_end, self.decay)
 
     def random_scores(self, layer: int) -> torch.Tensor:
-        mask = self.targets[layer].mask
-        return torch.rand(mask.shape, generator=self.generator(layer), device=mask.device)
+        target = self.targets[layer]
+        return torch.rand(target.grouping.group_shape, generator=self.generator(layer), device=target.mask.device)
 
     def reparameterize(self) -> None:
         self.exchange(self.current_drop_fraction(), self.random_scores)

@@ -68,7 +68,7 @@ class SNFS(SparseAlgorithm):
         if self.momentum is None:  # no step yet: nothing to rank by
             return
         shares = self.momentum_shares()
-        self.exchange(self.current_drop_fraction(), lambda layer: self.momentum[layer].abs(),
+        self.exchange(self.current_drop_fraction(), lambda layer: self.targets[layer].scores(self.momentum[layer]),
                       lambda dropped, rooms: self.redistribute(dropped, rooms, shares))
 
     def metrics(self) -> dict:
