@@ -18,7 +18,7 @@ from .distributions import DISTRIBUTIONS
 from .errors import DSTError
 from .groups import Grouping, groupings_for
 from .initialization import INITS, initial_masks
-from .masking import attach, attach_readers, direct_readers, is_sparse, make_permanent
+from .masking import attach, attach_readers, direct_readers, is_sparse, make_permanent, require_optimizer
 from .schedules import UpdateSchedule
 from .sparsity import DynamicSparsity
 from .targets import NameFilter, TargetSpec, find_targets
@@ -171,7 +171,7 @@ def apply(model: nn.Module, *, sparsity: float, method: str = "dsr", distributio
                               distribution=distribution, gradual=algorithm.gradual)
     masks = initial_masks(specs, params, sparsity=start_sparsity, final_sparsity=sparsity,
                           distribution=distribution, init=init, seed=seed, groupings=groupings)
-    DynamicSparsity.check_optimizer(optimizer)
+    require_optimizer(optimizer)
     config = {"distribution": distribution, "init": init, "granularity": granularity,
               "hyperparameters": dict(hyperparameters)}
     return _attach_all(model, specs, masks, groupings, algorithm=algorithm, schedule=schedule, seed=seed,
@@ -231,7 +231,7 @@ def load_sparse_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tens
     specs = find_targets(model, include="|".join(map(re.escape, names)), dense_stem_and_head=False)
     params = [model.get_submodule(s.module_name)._parameters[s.tensor_name] for s in specs]
     masks = [torch.empty_like(p, dtype=torch.bool).copy_(state_dict[s.name + "_mask"]) for p, s in zip(params, specs)]
-    DynamicSparsity.check_optimizer(optimizer)
+    require_optimizer(optimizer)
     active, total = sum(int(m.sum()) for m in masks), sum(m.numel() for m in masks)
     groupings = groupings_for(granularity, names, [p.shape for p in params], sparsity=1 - active / total,
                               distribution="uniform", gradual=algorithm.gradual)

@@ -22,13 +22,15 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
+from .errors import DSTError
 from .gradients import sink_for
 from .groups import Grouping
 from .sparse_target import SparseTarget
 from .targets import TargetSpec
 
 __all__ = [
-    "DSTMask", "attach", "direct_readers", "is_sparse", "make_permanent", "mask_hooks", "unwrap_optimizer",
+    "DSTMask", "attach", "direct_readers", "is_sparse", "make_permanent", "mask_hooks", "require_optimizer",
+    "unwrap_optimizer",
 ]
 
 logger = logging.getLogger(__name__)
@@ -136,6 +138,15 @@ def unwrap_optimizer(optimizer: object) -> torch.optim.Optimizer | None:
         optimizer = getattr(optimizer, "optimizer", None)
         seen += 1
     return optimizer
+
+
+def require_optimizer(optimizer: object) -> torch.optim.Optimizer | None:
+    """The `torch.optim.Optimizer` in `optimizer` (None for None); DSTError for anything else."""
+    inner = unwrap_optimizer(optimizer)
+    if optimizer is not None and inner is None:
+        raise DSTError(f"optimizer must be a torch.optim.Optimizer (or a wrapper of one, such as accelerate's); "
+                       f"received {type(optimizer).__name__}.")
+    return inner
 
 
 def optimizer_state_like(optimizer: torch.optim.Optimizer | None, param: torch.Tensor) -> list[torch.Tensor]:

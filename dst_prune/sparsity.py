@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 
 import torch
-from prettytable import PrettyTable
 from torch import nn
 
 from . import stats
@@ -14,7 +12,7 @@ from .algorithms.base import SparseAlgorithm
 from .distributed import broadcast_masks, check_sync, ignore_masks_in_ddp
 from .errors import DSTError
 from .gradients import DenseGradient, arm, disarm
-from .masking import unwrap_optimizer
+from .masking import require_optimizer
 from .schedules import UpdateSchedule
 from .sparse_target import SparseTarget
 
@@ -25,7 +23,7 @@ logger = logging.getLogger(__name__)
 STATE_FORMAT = "dst_prune.DynamicSparsity/2"
 
 
-class DynamicSparsity:
+class DynamicSparsity(stats.SparsityReports):
     """Keeps a model's number of active weights fixed while an algorithm moves them around.
 
     Created by `dst_prune.apply`. Call `step()` after every `optimizer.step()`; it reallocates when the
@@ -81,18 +79,9 @@ class DynamicSparsity:
     def optimizer(self) -> object:
         return self._optimizer
 
-    @staticmethod
-    def check_optimizer(optimizer: object) -> torch.optim.Optimizer | None:
-        """The `torch.optim.Optimizer` in `optimizer` (None for None); DSTError for anything else."""
-        inner = unwrap_optimizer(optimizer)
-        if optimizer is not None and inner is None:
-            raise DSTError(f"optimizer must be a torch.optim.Optimizer (or a wrapper of one, such as "
-                           f"accelerate's); received {type(optimizer).__name__}.")
-        return inner
-
     @optimizer.setter
     def optimizer(self, optimizer: object) -> None:
-        inner = self.check_optimizer(optimizer)
+        inner = require_optimizer(optimizer)
         if inner is not None:
             held = {id(p) for group in inner.param_groups for p in group["params"]}
             missing = [t.name for t in self.targets if id(t.orig) not in held]
@@ -207,36 +196,6 @@ class DynamicSparsity:
     def check_sync(self) -> bool:
         """Whether all ranks hold identical masks; raises RuntimeError if not. True outside DDP."""
         return check_sync(self.targets)
-
-    # --- inspection ----------------------------------------------------------------------------
-    @property
-    def sum_table(self) -> PrettyTable:
-        """`# total parameters | # sparse parameters | # dense parameters | # nonzero parameters in sparse |
-        sparsity`."""
-        return stats.sum_table(self.model, self.targets)
-
-    @property
-    def stats_table(self) -> PrettyTable:
-        """`Parameter tensor | # total | # nonzero | sparsity`, one row per sparse tensor."""
-        return stats.stats_table(self.targets)
-
-    def save_history(self, path: str) -> str:
-        """Write the reallocation history as CSV (step, sparsity, churn, itop, per-layer density, ...)."""
-        return str(stats.save_history_csv(self.history, self.targets, path))
-
-    def plot_history(self, path: str) -> str:
-        """Save a PNG of per-layer density, in-time over-parameterization and churn over training."""
-        return str(stats.plot_history(self.history, self.targets, path))
-
-    def named_sparse_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
-        """`(name, parameter)` for each sparse tensor: `layer1.0.conv1.weight` and its `weight_orig`."""
-        for t in self.targets:
-            yield t.name, t.orig
-
-    def sparse_parameters(self) -> Iterator[nn.Parameter]:
-        """The trainable `weight_orig` parameters of the sparse tensors."""
-        for _, param in self.named_sparse_parameters():
-            yield param
 
     def masks(self) -> dict[str, torch.Tensor]:
         """`{name: bool mask}` (the live buffers; do not write them)."""

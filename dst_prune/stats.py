@@ -106,3 +106,30 @@ def plot_history(history: Sequence[dict], targets: Sequence[SparseTarget], path:
     figure.savefig(path, dpi=120)
     plt.close(figure)
     return path
+
+
+class SparsityReports:
+    """The reports of `DynamicSparsity` (which provides `model`, `targets` and `history`)."""
+
+    model: nn.Module
+    targets: list[SparseTarget]
+    history: list[dict]
+
+    @property
+    def sum_table(self) -> PrettyTable:
+        """`# total parameters | # sparse parameters | # dense parameters | # nonzero parameters in sparse |
+        sparsity`."""
+        return sum_table(self.model, self.targets)
+
+    @property
+    def stats_table(self) -> PrettyTable:
+        """`Parameter tensor | # total | # nonzero | sparsity`, one row per sparse tensor."""
+        return stats_table(self.targets)
+
+    def save_history(self, path: str | Path) -> str:
+        """Write the reallocation history as CSV (step, sparsity, churn, itop, per-layer density, ...)."""
+        return str(save_history_csv(self.history, self.targets, path))
+
+    def plot_history(self, path: str | Path) -> str:
+        """Save a PNG of per-layer density, in-time over-parameterization and churn over training."""
+        return str(plot_history(self.history, self.targets, path))
