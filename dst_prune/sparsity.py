@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -196,6 +197,17 @@ class DynamicSparsity(stats.SparsityReports):
     def check_sync(self) -> bool:
         """Whether all ranks hold identical masks; raises RuntimeError if not. True outside DDP."""
         return check_sync(self.targets)
+
+    # --- inspection (the tables and history are in stats.SparsityReports) ----------------------
+    def named_sparse_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """`(name, parameter)` for each sparse tensor: `layer1.0.conv1.weight` and its `weight_orig`."""
+        for t in self.targets:
+            yield t.name, t.orig
+
+    def sparse_parameters(self) -> Iterator[nn.Parameter]:
+        """The trainable `weight_orig` parameters of the sparse tensors."""
+        for _, param in self.named_sparse_parameters():
+            yield param
 
     def masks(self) -> dict[str, torch.Tensor]:
         """`{name: bool mask}` (the live buffers; do not write them)."""
