@@ -31,3 +31,27 @@ def test_torchvision_models_by_prefix_and_timm_vits_take_the_image_size():
     assert type(create_model("tv:resnet18", num_classes=7)).__module__.startswith("torchvision")
     vit = create_model("vit_tiny_patch16_224", num_classes=7, img_size=32)
     assert vit(torch.randn(1, 3, 32, 32)).shape == (1, 7)
+
+
+def test_every_seed_model_is_registered_with_timm():
+    from dst_prune.integrations.timm_models import MODELS
+
+    assert set(MODELS) <= set(timm.list_models())
+    lstm = timm.create_model("char_lstm", vocab_size=65)
+    logits, _ = lstm(torch.randint(0, 65, (2, 7)))
+    assert logits.shape == (2, 7, 65)
+    assert sum(p.numel() for p in timm.create_model("i1k_resnet50").parameters()) == 25_557_032
+    sb = timm.create_model("cifar_resnet56", sb_mode="dynamic", sb_q=3)
+    assert sb(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_data_root_from_the_environment_or_a_dotenv_file(tmp_path, monkeypatch):
+    from dst_prune.integrations.data import resolve_data_root
+
+    monkeypatch.delenv("DATAPATH", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert resolve_data_root() is None
+    (tmp_path / ".env").write_text("OTHER=1\nDATAPATH='/data/sets'\n")
+    assert str(resolve_data_root()) == "/data/sets"
+    monkeypatch.setenv("DATAPATH", "/elsewhere")
+    assert str(resolve_data_root()) == "/elsewhere" and str(resolve_data_root("/explicit")) == "/explicit"
