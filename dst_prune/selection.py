@@ -20,27 +20,74 @@ def derive_seed(seed: int, *keys: int) -> int:
     return int(np.random.SeedSequence([seed, *keys]).generate_state(2, dtype=np.uint64)[0] >> np.uint64(1))
 
 
+_SAMPLE = 1 << 16  # sample size of the threshold estimate in `kth_largest`
+
+
+def kth_largest(flat: torch.Tensor, k: int) -> torch.Tensor:
+    """The `k`-th largest value of the 1-D `flat` (`1 <= k <= n`), exactly.
+
+    For a large `n` and a small `k`, a strided sample first gives a value `t` that at least `k` entries
+    reach with high probability; the exact selection then runs on the entries `>= t` only (which hold
+    the top `k` whenever there are at least `k` of them), else on everything.
+    """
+    n = flat.numel()
+    if n > 4 * _SAMPLE and k < n // 8:
+        sample = flat[:: n // _SAMPLE]
+        rank = min(sample.numel(), 2 * k * sample.numel() // n + 64)
+        estimate = torch.kthvalue(sample, sample.numel() - rank + 1).values
+        superset = flat[flat >= estimate]
+        if superset.numel() >= k:
+            return torch.kthvalue(superset, superset.numel() - k + 1).values
+    return torch.kthvalue(flat, n - k + 1).values
+
+
 def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     """The `k` largest entries of `scores`; among equal scores the lower flat (row-major) index wins."""
     flat = scores.detach().reshape(-1)
     n = flat.numel()
     if k <= 0 or k >= n:
         return torch.full(scores.shape, k >= n and n > 0, dtype=torch.bool, device=scores.device)
-    kth = torch.kthvalue(flat, n - k + 1).values  # the k-th largest value
+    kth = kth_largest(flat, k)
     chosen = flat > kth
-    equal = flat == kth
-    chosen |= equal & (equal.cumsum(0) <= k - int(chosen.sum()))
+    missing = k - int(torch.count_nonzero(chosen))
+    if missing:
+        chosen[(flat == kth).nonzero().view(-1)[:missing]] = True
     return chosen.view(scores.shape)
 
 
+def _first_distinct(values: torch.Tensor, limit: int) -> torch.Tensor:
+    """The first `limit` distinct entries of `values`, in order of first appearance."""
+    unique, inverse = torch.unique(values, return_inverse=True)
+    positions = torch.arange(values.numel(), device=values.device)
+    first = torch.full_like(unique, values.numel()).scatter_reduce_(0, inverse, positions, reduce="amin")
+    return unique[first.argsort()][:limit]
+
+
 def random_positions(candidates: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
-    """`count` positions drawn uniformly without replacement among the True entries of `candidates`."""
+    """`count` positions drawn uniformly without replacement among the True entries of `candidates`.
+
+    Costs O(count) when candidates are common (uniform draws over all positions, rejecting the others,
+    until `count` distinct ones), else O(n) (a random permutation of the candidates).
+    """
     flat = candidates.reshape(-1)
+    n, device = flat.numel(), flat.device
+    chosen = torch.zeros(n, dtype=torch.bool, device=device)
     if not count:
-        return torch.zeros(candidates.shape, dtype=torch.bool, device=candidates.device)
-    scores = torch.rand(flat.numel(), generator=generator, device=flat.device)
-    scores.masked_fill_(~flat, -1.0)
-    return top_k_mask(scores, count).view(candidates.shape)
+        return chosen.view(candidates.shape)
+    total = int(torch.count_nonzero(flat))
+    if count > total:
+        raise ValueError(f"cannot draw {count} positions among {total} candidates")
+    if 4 * count > total or 4 * total < n:
+        indices = flat.nonzero().view(-1)
+        picked = indices[torch.randperm(total, generator=generator, device=device)[:count]]
+    else:
+        picked = torch.empty(0, dtype=torch.long, device=device)
+        while picked.numel() < count:
+            draws = torch.randint(n, ((count - picked.numel()) * n // total * 5 // 4 + 16,), generator=generator,
+                                  device=device)
+            picked = _first_distinct(torch.cat([picked, draws[flat[draws]]]), count)
+    chosen[picked] = True
+    return chosen.view(candidates.shape)
 
 
 def global_top_k(scores: list[torch.Tensor], k: int) -> list[torch.Tensor]:

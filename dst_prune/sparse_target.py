@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from .groups import Grouping
+from .masked_weight import reusable
 from .targets import TargetSpec
 
 __all__ = ["SparseTarget"]
@@ -47,24 +48,27 @@ class SparseTarget:
 
     def active(self) -> int:
         """The number of active (unmasked) weights."""
-        return int(self.mask.sum())
+        return int(torch.count_nonzero(self.mask))
 
     def group_mask(self) -> torch.Tensor:
         """The active groups (bool, `grouping.group_shape`)."""
         return self.grouping.group_mask(self.mask)
 
     def active_groups(self) -> int:
-        return int(self.group_mask().sum())
+        return int(torch.count_nonzero(self.group_mask()))
 
     def scores(self, tensor: torch.Tensor) -> torch.Tensor:
         """Group scores of `tensor` (the weights, a gradient, a momentum): the mean `|x|` of each group."""
         return self.grouping.reduce(tensor)
 
     def refresh(self) -> None:
-        """Recompute the effective `weight` from `weight_orig` and the mask, detached."""
+        """Recompute the effective `weight` from `weight_orig` and the mask, detached (in place when possible)."""
+        orig, out = self.orig, self.module.__dict__.get(self.tensor_name)
         with torch.no_grad():
-            # setattr (not __dict__) so that nn.RNNBase keeps its _flat_weights in sync
-            setattr(self.module, self.tensor_name, self.orig * self.mask)
+            if reusable(out, orig):
+                torch.mul(orig, self.mask.view(torch.uint8), out=out)
+            else:  # setattr (not __dict__) so that nn.RNNBase keeps its _flat_weights in sync
+                setattr(self.module, self.tensor_name, orig * self.mask)
 
     def __repr__(self) -> str:
         return f"SparseTarget({self.name!r})"

@@ -72,6 +72,7 @@ class DynamicSparsity(stats.SparsityReports):
         self._optimizer = None
         self.optimizer = optimizer
         self._changes = self._no_changes()
+        self._dirty: set[int] = set()
         algorithm.bind(self)
         self._arm_dense_gradients(1)
 
@@ -156,6 +157,7 @@ class DynamicSparsity(stats.SparsityReports):
         """One reallocation now (for DSR: prune by threshold, adjust it, reallocate)."""
         self._ensure_attached()
         self.algorithm.reparameterize()
+        self._refresh_changed()
         self._finish_update()
 
     def prune_by_threshold(self) -> int:
@@ -177,7 +179,9 @@ class DynamicSparsity(stats.SparsityReports):
             raise DSTError(f"{name}() is a step of method='dsr'; this controller runs method={self.method!r}. "
                            f"Call reparameterize() instead.")
         self._ensure_attached()
-        return getattr(self.algorithm, name)()
+        result = getattr(self.algorithm, name)()
+        self._refresh_changed()
+        return result
 
     def prepare_for_ddp(self) -> None:
         """Call on every rank before wrapping the model in DDP (or `accelerator.prepare`).
@@ -269,6 +273,14 @@ class DynamicSparsity(stats.SparsityReports):
         """Called by the algorithms for every prune/grow; summarised in `history` at the end of the update."""
         self._changes["pruned"][layer] += pruned
         self._changes["grown"][layer] += grown
+        if pruned or grown:
+            self._dirty.add(layer)
+
+    def _refresh_changed(self) -> None:
+        """Recompute the effective weights of the tensors whose masks changed (once per tensor per step)."""
+        for layer in sorted(self._dirty):
+            self.targets[layer].refresh()
+        self._dirty.clear()
 
     def _finish_update(self) -> None:
         active = [t.active_groups() for t in self.targets]
@@ -277,7 +289,7 @@ class DynamicSparsity(stats.SparsityReports):
                                f"{self.update_index} of {self.method}, expected exactly {self.budget}")
         for ever, target in zip(self.ever_active, self.targets):
             ever |= target.mask
-        ever_active = sum(int(e.sum()) for e in self.ever_active)
+        ever_active = sum(int(torch.count_nonzero(e)) for e in self.ever_active)
         self.history.append({"step": self.step_count, "update": self.update_index, "active": active,
                              **self._changes, "churn": sum(self._changes["grown"]) / max(1, self.budget),
                              "itop": ever_active / self.n_sparse, **self.algorithm.metrics()})

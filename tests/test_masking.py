@@ -255,3 +255,48 @@ def test_prune_remove_on_one_parameter_works_and_the_rest_keeps_training():
     model(x).sum().backward()
     assert isinstance(model.conv._parameters["weight"], nn.Parameter)  # the forward hook left it alone
     assert model.conv.weight.grad is not None and model.fc1.weight_orig.grad is not None
+
+
+def test_two_forwards_before_one_backward_like_gradient_accumulation():
+    torch.manual_seed(0)
+    model = SmallCNN()
+    dst_prune.apply(model, sparsity=0.8)
+    x, y = small_cnn_batch()
+    single = torch.autograd.grad(nn.functional.cross_entropy(model(x), y), model.fc1.weight_orig)[0]
+    loss = nn.functional.cross_entropy(model(x), y) + nn.functional.cross_entropy(model(x), y)
+    loss.backward()  # the second forward must not have invalidated the first one's saved weights
+    assert torch.allclose(model.fc1.weight_orig.grad, 2 * single)
+
+
+def test_an_evaluation_forward_between_a_forward_and_its_backward():
+    model = SmallCNN()
+    dst_prune.apply(model, sparsity=0.8)
+    x, y = small_cnn_batch()
+    loss = nn.functional.cross_entropy(model(x), y)
+    with torch.no_grad():
+        model.eval()(x)
+    model.train()
+    loss.backward()
+    assert model.conv.weight_orig.grad is not None
+
+
+def test_the_weight_follows_every_way_weight_orig_can_change():
+    model = SmallCNN().eval()
+    dst = dst_prune.apply(model, sparsity=0.8)
+    x, _ = small_cnn_batch()
+    target = dst.targets[0]
+
+    def expected():
+        return dst_prune.remove(copy.deepcopy(model))(x)
+
+    model(x)
+    with torch.no_grad():
+        target.orig.mul_(2)  # in place
+    assert torch.equal(model(x), expected())
+    target.orig.data = target.orig.data * 0.5  # a new storage
+    assert torch.equal(model(x), expected())
+    model.load_state_dict({k: v * 3 if k.endswith("_orig") else v for k, v in model.state_dict().items()})
+    assert torch.equal(model(x), expected())
+    target.mask.masked_fill_(target.mask.clone(), False)  # the mask changes in place
+    target.mask.view(-1)[0] = True
+    assert torch.equal(model(x), expected())

@@ -21,9 +21,9 @@ from ..distributed import all_reduce_mean
 from ..distributions import apportion
 from ..errors import DSTError
 from ..groups import top_k_per_block
-from ..masking import unwrap_optimizer, zero_positions
+from ..masking import fill_positions, unwrap_optimizer, zero_positions
 from ..schedules import DECAYS, UpdateSchedule
-from ..selection import GROWTH_STREAM, derive_seed, top_k_mask
+from ..selection import GROWTH_STREAM, derive_seed, random_positions, top_k_mask
 from ..sparse_target import SparseTarget
 
 if TYPE_CHECKING:
@@ -144,28 +144,23 @@ class SparseAlgorithm:
 
     def prune(self, layer: int, groups: torch.Tensor) -> int:
         """Deactivate the active groups of `layer` at `groups` (bool, the grouping's group shape)."""
-        target = self.targets[layer]
-        groups = groups & target.group_mask()
-        count = int(groups.sum())
-        if count:
-            positions = target.grouping.expand(groups)
-            target.mask.masked_fill_(positions, False)
-            zero_positions(target, positions, unwrap_optimizer(self.controller.optimizer))
-            target.refresh()
-        self.controller.record_change(layer, pruned=count)
-        return count
+        return self._set(layer, groups, False)
 
     def grow(self, layer: int, groups: torch.Tensor) -> int:
         """Activate the inactive groups of `layer` at `groups`, starting at zero with zero optimizer state."""
+        return self._set(layer, groups, True)
+
+    def _set(self, layer: int, groups: torch.Tensor, active: bool) -> int:
         target = self.targets[layer]
-        groups = groups & ~target.group_mask()
-        count = int(groups.sum())
+        current = target.group_mask()
+        groups = groups & (~current if active else current)
+        positions = target.grouping.expand(groups)
+        indices = positions.reshape(-1).nonzero().view(-1)
+        count = indices.numel() // target.grouping.group_size
         if count:
-            positions = target.grouping.expand(groups)
-            target.mask.masked_fill_(positions, True)
-            zero_positions(target, positions, unwrap_optimizer(self.controller.optimizer))
-            target.refresh()
-        self.controller.record_change(layer, grown=count)
+            fill_positions(target.mask, indices, positions, active)
+            zero_positions(target, indices, positions, unwrap_optimizer(self.controller.optimizer))
+        self.controller.record_change(layer, **{"grown" if active else "pruned": count})
         return count
 
     def weakest_active(self, layer: int, count: int) -> torch.Tensor:
@@ -182,36 +177,45 @@ class SparseAlgorithm:
         chosen = top_k_per_block(block_scores, grouping.to_blocks(counts_from).sum(1))
         return grouping.from_blocks(chosen) & candidates
 
-    def exchange(self, fraction: float, grow_scores: Callable[[int], torch.Tensor],
+    def exchange(self, fraction: float, grow_scores: Callable[[int], torch.Tensor] | None,
                  grow_counts: Callable[[Sequence[int], Sequence[int]], list[int]] | None = None) -> None:
         """Drop and regrow: the core of SET, RigL, SNFS and GraNet's regeneration.
 
         Per layer, drop `floor(fraction * active)` of the active groups with the smallest magnitude (never
         the last one), then grow as many (or `grow_counts(dropped, room)`, for a redistribution across
         layers) at the inactive groups, just-dropped ones included, with the largest `grow_scores(layer)`
-        (group scores). A group dropped and regrown in the same update keeps its weights (RigL's
-        default), so the counts recorded are the net changes. With `n:m` granularity each block regrows
-        exactly what it dropped, so every block keeps `n` active weights.
+        (group scores), or at random (`grow_scores=None`, drawn in O(count)). A group dropped and regrown
+        in the same update keeps its weights (RigL's default), so the counts recorded are the net
+        changes. With `n:m` granularity each block regrows exactly what it dropped, so every block keeps
+        `n` active weights.
         """
-        drops, rooms = [], []
+        drops, rooms, dropped = [], [], []
         for layer, target in enumerate(self.targets):
             active = target.active_groups()
             drops.append(self.weakest_active(layer, min(int(fraction * active), active - 1)))
-            rooms.append(target.n_groups - active + int(drops[-1].sum()))
-        dropped = [int(d.sum()) for d in drops]
+            dropped.append(int(torch.count_nonzero(drops[-1])))
+            rooms.append(target.n_groups - active + dropped[-1])
         counts = grow_counts(dropped, rooms) if grow_counts else dropped
         grows = []
         for layer, target in enumerate(self.targets):
             candidates = ~target.group_mask() | drops[layer]
-            if target.grouping.kind == "n:m":
-                grows.append(self.regrow_in_blocks(layer, grow_scores(layer), candidates, drops[layer]))
+            if grow_scores is None and target.grouping.kind != "n:m":
+                grows.append(random_positions(candidates, counts[layer], self.generator(layer)))
                 continue
-            scores = grow_scores(layer).float().masked_fill(~candidates, float("-inf"))
-            grows.append(top_k_mask(scores, counts[layer]) & candidates)
+            scores = self.random_scores(layer) if grow_scores is None else grow_scores(layer).float()
+            if target.grouping.kind == "n:m":
+                grows.append(self.regrow_in_blocks(layer, scores, candidates, drops[layer]))
+                continue
+            grows.append(top_k_mask(torch.where(candidates, scores, float("-inf")), counts[layer]) & candidates)
         for layer in range(len(self.targets)):
             self.prune(layer, drops[layer] & ~grows[layer])
         for layer in range(len(self.targets)):
             self.grow(layer, grows[layer] & ~drops[layer])
+
+    def random_scores(self, layer: int) -> torch.Tensor:
+        """Uniform scores over the groups of `layer`, from the layer's generator."""
+        target = self.targets[layer]
+        return torch.rand(target.grouping.group_shape, generator=self.generator(layer), device=target.mask.device)
 
     def redistribute(self, dropped: Sequence[int], rooms: Sequence[int], shares: Sequence[float]) -> list[int]:
         """Split the total dropped across layers in proportion to `shares`, within each layer's room."""

@@ -83,8 +83,8 @@ class DSR(SparseAlgorithm):
             active_groups = target.group_mask()
             magnitude = target.scores(target.orig)
             below = active_groups & (magnitude < self.threshold)
-            active = int(active_groups.sum())
-            if active and int(below.sum()) == active:  # keep the strongest: never empty a tensor
+            active = int(torch.count_nonzero(active_groups))
+            if active and int(torch.count_nonzero(below)) == active:  # keep the strongest: never empty a tensor
                 below &= ~top_k_mask(magnitude.masked_fill(~active_groups, -1.0), 1)
             freed = self.prune(layer, below)
             self._pruned.append(below)
@@ -122,9 +122,8 @@ class DSR(SparseAlgorithm):
         for layer, (target, count) in enumerate(zip(self.targets, counts)):
             inactive = ~target.group_mask()
             if target.grouping.kind == "n:m":  # prefer never-pruned zeros, within each block
-                scores = torch.rand(inactive.shape, generator=self.generator(layer), device=inactive.device)
-                grown += self.grow(layer, self.regrow_in_blocks(layer, scores + 2.0 * ~pruned[layer], inactive,
-                                                                pruned[layer]))
+                scores = self.random_scores(layer) + 2.0 * ~pruned[layer]
+                grown += self.grow(layer, self.regrow_in_blocks(layer, scores, inactive, pruned[layer]))
                 continue
             candidates = inactive if reuse_pruned else inactive & ~pruned[layer]
             grown += self.grow(layer, random_positions(candidates, count, self.generator(layer)))

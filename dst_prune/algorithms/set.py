@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-
 from ..schedules import decayed_fraction
 from .base import SparseAlgorithm, check_decay, check_fraction
 
@@ -36,12 +34,8 @@ class SET(SparseAlgorithm):
     def current_drop_fraction(self) -> float:
         return decayed_fraction(self.drop_fraction, self.step, self.controller.decay_end, self.decay)
 
-    def random_scores(self, layer: int) -> torch.Tensor:
-        target = self.targets[layer]
-        return torch.rand(target.grouping.group_shape, generator=self.generator(layer), device=target.mask.device)
-
     def reparameterize(self) -> None:
-        self.exchange(self.current_drop_fraction(), self.random_scores)
+        self.exchange(self.current_drop_fraction(), None)  # random growth
 
     def metrics(self) -> dict:
         return {"drop_fraction": self.current_drop_fraction()}

@@ -1,0 +1,190 @@
+"""Shared pieces of the benchmarks: models, the sparse variants (ours and the peers'), timing, tables.
+
+Every variant builds the same model from the same seed and exposes `step()`, one training step (forward,
+backward, optimizer step, and the method's own bookkeeping). Peers are optional: a peer that is not
+installed (`pip install -e ".[bench]"`) is reported as missing, not silently dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import timm
+import torch
+from prettytable import PrettyTable
+from torch import nn
+
+import dst_prune
+from dst_prune.targets import find_targets
+
+MODELS = {  # the issue's configurations: name -> (batch, image size)
+    "resnet18": (32, 64),
+    "resnet50": (16, 112),
+    "vit_small_patch16_224": (8, 224),
+}
+SPARSITY = 0.9
+
+
+def build_model(name: str, size: int, device: torch.device) -> nn.Module:
+    torch.manual_seed(0)
+    kwargs = {"img_size": size} if "vit" in name else {}
+    return timm.create_model(name, num_classes=100, **kwargs).to(device)
+
+
+@dataclass
+class Variant:
+    name: str
+    model: nn.Module
+    step: Callable[[], None]
+    update: Callable[[], None] | None = None  # one topology update, for the amortized cost
+    notes: list[str] = field(default_factory=list)
+
+
+def _sgd(model: nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+
+def _loop(model, optimizer, batch, autocast, after=None, before_step=None) -> Callable[[], None]:
+    x, y = batch
+
+    def step() -> None:
+        with autocast():
+            loss = nn.functional.cross_entropy(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if before_step is None or before_step():
+            optimizer.step()
+        if after is not None:
+            after()
+    return step
+
+
+def dense(name, size, device, batch, autocast) -> Variant:
+    model = build_model(name, size, device)
+    return Variant("dense", model, _loop(model, _sgd(model), batch, autocast))
+
+
+def ours(method: str, name, size, device, batch, autocast) -> Variant:
+    model = build_model(name, size, device)
+    optimizer = _sgd(model)
+    dst = dst_prune.apply(model, sparsity=SPARSITY, method=method, optimizer=optimizer, update_every=10**9,
+                          total_steps=10**10, init="random")
+
+    def update() -> None:
+        dst.capture_dense_gradients()
+        with autocast():
+            nn.functional.cross_entropy(model(batch[0]), batch[1]).backward()
+        start = time.perf_counter()
+        dst.reparameterize()
+        update.seconds = time.perf_counter() - start
+    return Variant(f"dst_prune {method}", model, _loop(model, optimizer, batch, autocast, after=dst.step), update)
+
+
+def torch_prune(name, size, device, batch, autocast) -> Variant:
+    from torch.nn.utils import prune
+
+    model = build_model(name, size, device)
+    for spec in find_targets(model):
+        prune.random_unstructured(model.get_submodule(spec.module_name), spec.tensor_name, amount=SPARSITY)
+    return Variant("torch.nn.utils.prune", model, _loop(model, _sgd(model), batch, autocast))
+
+
+def rigl_torch(name, size, device, batch, autocast) -> Variant:
+    from rigl_torch.RigL import RigLScheduler
+
+    model = build_model(name, size, device)
+    optimizer = _sgd(model)
+    pruner = RigLScheduler(model, optimizer, dense_allocation=1 - SPARSITY, T_end=10**9, delta=10**8)
+
+    def update() -> None:
+        saved, pruner.step = pruner.step, pruner.delta_T - 1  # its hooks capture dense gradients now
+        with autocast():
+            nn.functional.cross_entropy(model(batch[0]), batch[1]).backward()
+        start = time.perf_counter()
+        pruner._rigl_step()
+        update.seconds = time.perf_counter() - start
+        pruner.step = saved
+    return Variant("rigl-torch", model, _loop(model, optimizer, batch, autocast, before_step=pruner), update)
+
+
+def sparsimony(method: str, name, size, device, batch, autocast) -> Variant:
+    from sparsimony.distributions.base import UniformDistribution
+    from sparsimony.dst.rigl import RigL
+    from sparsimony.dst.set import SET
+    from sparsimony.schedulers.base import ConstantScheduler
+
+    model = build_model(name, size, device)
+    optimizer = _sgd(model)
+    cls = {"rigl": RigL, "set": SET}[method]
+    sparsifier = cls(scheduler=ConstantScheduler(0.3, t_end=10**9, delta_t=10**8),
+                     distribution=UniformDistribution(), optimizer=optimizer, sparsity=SPARSITY)
+    sparsifier.prepare(model, [{"tensor_fqn": s.name} for s in find_targets(model)])
+
+    def update() -> None:
+        with autocast():
+            nn.functional.cross_entropy(model(batch[0]), batch[1]).backward()
+        sparsifier._step_count = 10**8 - 1  # the next step is an update step
+        start = time.perf_counter()
+        sparsifier.step()
+        update.seconds = time.perf_counter() - start
+    return Variant(f"sparsimony {method}", model, _loop(model, optimizer, batch, autocast, after=sparsifier.step),
+                   update)
+
+
+def variants(names: list[str]) -> list[tuple[str, Callable[..., Variant]]]:
+    """`(label, factory)` for the variant names given (`dense`, `dsr`, `prune`, `rigl-torch`, ...)."""
+    table = {"dense": dense, "prune": torch_prune, "rigl-torch": rigl_torch,
+             "sparsimony-rigl": lambda *a: sparsimony("rigl", *a), "sparsimony-set": lambda *a: sparsimony("set", *a)}
+    for method in dst_prune.list_methods():
+        table[method] = lambda *a, m=method: ours(m, *a)
+    return [(n, table[n]) for n in names]
+
+
+class Timer:
+    """Wall-clock seconds of `fn()`, synchronizing CUDA when the model is there."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def __call__(self, fn: Callable[[], None]) -> float:
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            return start.elapsed_time(end) / 1000
+        start_time = time.perf_counter()
+        fn()
+        return time.perf_counter() - start_time
+
+
+def summary(samples: list[float]) -> dict:
+    return {"median_ms": 1000 * statistics.median(samples), "min_ms": 1000 * min(samples),
+            "max_ms": 1000 * max(samples), "repeats": len(samples)}
+
+
+def write_json(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=1))
+
+
+def machine() -> str:
+    import platform
+
+    threads = torch.get_num_threads()
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()} (torch {torch.__version__})"
+    return f"{platform.processor() or platform.machine()}, {threads} threads (torch {torch.__version__})"
+
+
+def table(columns: list[str], rows: list[list]) -> PrettyTable:
+    result = PrettyTable(field_names=columns, align="r")
+    result.align[columns[0]] = "l"
+    result.add_rows(rows)
+    return result

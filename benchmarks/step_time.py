@@ -1,0 +1,109 @@
+"""Training-step time of dst_prune against dense training and the peers, measured in one process.
+
+For each model the variants are built once, warmed up, then timed in interleaved rounds (every round
+runs one step of every variant, in turn), so that slow drifts of the machine hit all of them alike. The
+table gives the median, the min-max and the ratio to dense; "amortized" adds one topology update every
+100 steps (the methods' default period), timed separately.
+
+    python benchmarks/step_time.py                                  # CPU: resnet18, resnet50, vit_small
+    python benchmarks/step_time.py --device cuda --autocast bf16 --batch-scale 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import statistics
+from pathlib import Path
+
+import torch
+from common import MODELS, Timer, machine, summary, table, variants, write_json
+from tqdm import tqdm
+
+logger = logging.getLogger("step_time")
+DEFAULT_VARIANTS = ["dense", "static", "dsr", "set", "rigl", "snfs", "prune", "rigl-torch", "sparsimony-rigl",
+                    "sparsimony-set"]
+
+
+def measure(model_name: str, args: argparse.Namespace, device: torch.device) -> list[dict]:
+    batch_size, size = MODELS[model_name]
+    batch_size *= args.batch_scale
+    g = torch.Generator().manual_seed(0)
+    batch = (torch.randn(batch_size, 3, size, size, generator=g).to(device),
+             torch.randint(0, 100, (batch_size,), generator=g).to(device))
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.autocast == "bf16" else \
+        contextlib.nullcontext
+    built, missing = {}, []
+    for label, factory in variants(args.variants):
+        try:
+            built[label] = factory(model_name, size, device, batch, autocast)
+        except ImportError as error:
+            missing.append(f"{label} (not installed: {error.name})")
+    timer = Timer(device)
+    for variant in built.values():
+        for _ in range(args.warmup):
+            variant.step()
+    samples = {label: [] for label in built}
+    for _ in tqdm(range(args.repeats), desc=f"{model_name} rounds", leave=False):
+        for label, variant in built.items():
+            samples[label].append(timer(variant.step))
+    update_ms, update_errors = {}, {}
+    for label, variant in built.items():
+        if variant.update is not None:
+            costs = []
+            try:
+                for _ in range(args.update_repeats):
+                    variant.update()
+                    costs.append(variant.update.seconds)
+                update_ms[label] = 1000 * statistics.median(costs)
+            except Exception as error:  # a peer's update failing is a result to report, not a crash
+                update_errors[label] = f"{type(error).__name__}: {error}"[:120]
+                logger.warning("%s %s: the topology update failed: %s", model_name, label, update_errors[label])
+    dense = statistics.median(samples["dense"]) * 1000
+    results = []
+    for label, values in samples.items():
+        row = {"model": model_name, "batch": batch_size, "image": size, "variant": label, **summary(values)}
+        row["ratio_to_dense"] = row["median_ms"] / dense
+        if label in update_ms:
+            row["update_ms"] = update_ms[label]
+            row["amortized_ratio"] = (row["median_ms"] + update_ms[label] / 100) / dense
+        if label in update_errors:
+            row["update_error"] = update_errors[label]
+        results.append(row)
+    for label in missing:
+        results.append({"model": model_name, "variant": label, "missing": True})
+    return results
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS)
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--update-repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--autocast", choices=["none", "bf16"], default="none")
+    parser.add_argument("--batch-scale", type=int, default=1, help="multiply the issue's batch sizes")
+    parser.add_argument("--output", type=Path, default=Path("benchmarks/results/step_time.json"))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    results = [row for name in args.models for row in measure(name, args, device)]
+    rows = [[r["model"], r["variant"], *(["not installed", "", "", "", ""] if r.get("missing") else [
+        f"{r['median_ms']:.1f}", f"{r['min_ms']:.0f}-{r['max_ms']:.0f}", f"{r['ratio_to_dense']:.3f}",
+        f"{r['update_ms']:.1f}" if "update_ms" in r else ("failed" if "update_error" in r else ""),
+        f"{r['amortized_ratio']:.3f}" if "update_ms" in r else ""])] for r in results]
+    print(f"training step, sparsity 0.9, {machine()}, {args.autocast} autocast, medians of {args.repeats} "
+          f"interleaved rounds")
+    print(table(["model", "variant", "median ms", "min-max ms", "x dense", "update ms", "x dense amortized"], rows))
+    write_json(args.output, {"machine": machine(), "arguments": vars(args) | {"output": str(args.output)},
+                             "results": results})
+    return results
+
+
+if __name__ == "__main__":
+    main()
