@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from dst_prune.selection import random_positions, top_k_mask
+from dst_prune.selection import random_indices, random_positions, top_k_mask
 
 
 def test_top_k_breaks_ties_by_lower_index():
@@ -38,3 +39,35 @@ def test_random_positions_are_exact_among_candidates_and_seeded():
     assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])
     every = random_positions(candidates, int(candidates.sum()), torch.Generator().manual_seed(0))
     assert torch.equal(every, candidates)
+
+
+@pytest.mark.parametrize("k", [1, 37, 3_000, 30_000, 150_000])
+def test_top_k_on_large_tensors_with_ties_and_minus_infinity_is_exact(k):
+    g = torch.Generator().manual_seed(k)
+    scores = torch.randint(0, 1000, (300_000,), generator=g).float()  # many ties
+    scores[torch.rand(300_000, generator=g) < 0.5] = float("-inf")  # inactive entries, as the algorithms mask them
+    expected = torch.zeros(300_000, dtype=torch.bool)
+    expected[torch.argsort(scores, descending=True, stable=True)[:k]] = True
+    assert torch.equal(top_k_mask(scores, k), expected)
+
+
+@pytest.mark.parametrize(("density", "count"), [(0.9, 500), (0.9, 60_000), (0.1, 50), (0.5, 1)])
+def test_random_indices_are_distinct_candidates_and_uniform(density, count):
+    g = torch.Generator().manual_seed(0)
+    candidates = torch.rand(100_000, generator=g) < density
+    picked = random_indices(candidates, count, torch.Generator().manual_seed(1))
+    assert picked.numel() == count == picked.unique().numel()
+    assert candidates[picked].all()
+    again = random_indices(candidates, count, torch.Generator().manual_seed(1))
+    assert torch.equal(picked, again)
+
+
+def test_random_indices_cover_candidates_uniformly():
+    candidates = torch.ones(1000, dtype=torch.bool)
+    candidates[::10] = False
+    hits = torch.zeros(1000)
+    for seed in range(400):
+        hits[random_indices(candidates, 50, torch.Generator().manual_seed(seed))] += 1
+    assert hits[~candidates].sum() == 0
+    rates = hits[candidates] / 400  # expected 50/900 each
+    assert abs(float(rates.mean()) - 50 / 900) < 1e-9 and float(rates.std()) < 0.02

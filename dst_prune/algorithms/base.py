@@ -152,12 +152,23 @@ class SparseAlgorithm:
 
     def _set(self, layer: int, groups: torch.Tensor, active: bool) -> int:
         target = self.targets[layer]
-        current = target.group_mask()
-        groups = groups & (~current if active else current)
+        groups = groups & (target.group_mask().logical_not() if active else target.group_mask())
         positions = target.grouping.expand(groups)
-        indices = positions.reshape(-1).nonzero().view(-1)
+        return self.set_indices(layer, positions.reshape(-1).nonzero().view(-1), active, positions)
+
+    def set_indices(self, layer: int, indices: torch.Tensor, active: bool,
+                    positions: torch.Tensor | None = None) -> int:
+        """Activate (or deactivate) the weights of `layer` at flat `indices`, which must all change state.
+
+        The fast path of `prune`/`grow` for callers that already hold exact indices (random growth,
+        threshold pruning): no pass over the whole tensor.
+        """
+        target = self.targets[layer]
         count = indices.numel() // target.grouping.group_size
         if count:
+            if positions is None and not target.mask.is_contiguous():
+                positions = torch.zeros(target.shape, dtype=torch.bool, device=target.mask.device)
+                positions.view(-1)[indices] = True
             fill_positions(target.mask, indices, positions, active)
             zero_positions(target, indices, positions, unwrap_optimizer(self.controller.optimizer))
         self.controller.record_change(layer, **{"grown" if active else "pruned": count})
@@ -201,16 +212,20 @@ class SparseAlgorithm:
             candidates = ~target.group_mask() | drops[layer]
             if grow_scores is None and target.grouping.kind != "n:m":
                 grows.append(random_positions(candidates, counts[layer], self.generator(layer)))
-                continue
+                continue  # (bool: a just-dropped group drawn again must be kept, below)
             scores = self.random_scores(layer) if grow_scores is None else grow_scores(layer).float()
             if target.grouping.kind == "n:m":
                 grows.append(self.regrow_in_blocks(layer, scores, candidates, drops[layer]))
                 continue
             grows.append(top_k_mask(torch.where(candidates, scores, float("-inf")), counts[layer]) & candidates)
-        for layer in range(len(self.targets)):
-            self.prune(layer, drops[layer] & ~grows[layer])
-        for layer in range(len(self.targets)):
-            self.grow(layer, grows[layer] & ~drops[layer])
+        for layer, target in enumerate(self.targets):  # both sets are exact already: no re-validation pass
+            if target.grouping.elementwise:
+                pruned, grown = drops[layer] & ~grows[layer], grows[layer] & ~drops[layer]
+                self.set_indices(layer, pruned.reshape(-1).nonzero().view(-1), False, pruned)
+                self.set_indices(layer, grown.reshape(-1).nonzero().view(-1), True, grown)
+            else:
+                self.prune(layer, drops[layer] & ~grows[layer])
+                self.grow(layer, grows[layer] & ~drops[layer])
 
     def random_scores(self, layer: int) -> torch.Tensor:
         """Uniform scores over the groups of `layer`, from the layer's generator."""

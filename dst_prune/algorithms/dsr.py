@@ -8,7 +8,7 @@ import torch
 
 from ..distributions import apportion
 from ..errors import DSTError
-from ..selection import random_positions, top_k_mask
+from ..selection import random_indices, random_positions, top_k_mask
 from .base import SparseAlgorithm
 
 __all__ = ["DSR"]
@@ -86,7 +86,8 @@ class DSR(SparseAlgorithm):
             active = int(torch.count_nonzero(active_groups))
             if active and int(torch.count_nonzero(below)) == active:  # keep the strongest: never empty a tensor
                 below &= ~top_k_mask(magnitude.masked_fill(~active_groups, -1.0), 1)
-            freed = self.prune(layer, below)
+            freed = (self.set_indices(layer, below.reshape(-1).nonzero().view(-1), False, below)
+                     if target.grouping.elementwise else self.prune(layer, below))
             self._pruned.append(below)
             self._freed.append(freed)
             self._surviving.append(active - freed)
@@ -126,7 +127,10 @@ class DSR(SparseAlgorithm):
                 grown += self.grow(layer, self.regrow_in_blocks(layer, scores, inactive, pruned[layer]))
                 continue
             candidates = inactive if reuse_pruned else inactive & ~pruned[layer]
-            grown += self.grow(layer, random_positions(candidates, count, self.generator(layer)))
+            if target.grouping.elementwise:
+                grown += self.set_indices(layer, random_indices(candidates, count, self.generator(layer)), True)
+            else:
+                grown += self.grow(layer, random_positions(candidates, count, self.generator(layer)))
         return grown
 
     def metrics(self) -> dict:
