@@ -57,20 +57,25 @@ def reusable(out: object, orig: torch.Tensor) -> bool:
 
 
 def masked_weight(module: nn.Module, name: str, last: list) -> torch.Tensor:
-    """The effective weight of `module.<name>`; `last` (owned by the caller) remembers what was written."""
+    """The effective weight of `module.<name>`; `last` (owned by the caller) remembers what was written.
+
+    The buffer is reused only if it is the one this function wrote last (same storage, same version):
+    a tensor anyone else put there (a compiled graph's output, say) is never written into.
+    """
     orig, mask = module._parameters[name + "_orig"], module._buffers[name + "_mask"]
     if torch.compiler.is_compiling():
         return orig * mask
     out = module.__dict__.get(name)
-    if not reusable(out, orig):
-        out = torch.empty_like(orig)
-    key = (orig._version, orig.data_ptr(), mask._version, mask.data_ptr(), out.data_ptr(), out._version)
-    write = key != tuple(last)
+    sources = [orig._version, orig.data_ptr(), mask._version, mask.data_ptr()]
+    if reusable(out, orig) and len(last) == 6 and [out.data_ptr(), out._version] == last[4:]:
+        write = sources != last[:4]
+    else:
+        out, write = torch.empty_like(orig), True
     if torch.is_grad_enabled() and orig.requires_grad:
         weight = MaskedWeight.apply(orig, mask, out, write)
     else:
         if write:
             torch.mul(orig.detach(), _factor(mask), out=out)
         weight = out
-    last[:] = [orig._version, orig.data_ptr(), mask._version, mask.data_ptr(), out.data_ptr(), out._version]
+    last[:] = [*sources, out.data_ptr(), out._version]
     return weight

@@ -100,7 +100,7 @@ class DetachMaskedWeights:
             return  # the parent still reads this weight; it detaches it after its own forward
         for name in _masked_names(module):
             weight = module.__dict__.get(name)
-            if weight is not None and weight.grad_fn is not None:
+            if weight is not None and weight.requires_grad:  # (not grad_fn: torch.compile cannot trace it)
                 setattr(module, name, weight.detach())
 
 
@@ -129,7 +129,7 @@ class ReleaseChildWeights(ComputeChildWeights):
             if count:
                 child.__dict__[_READ_BY_PARENT] = count - 1
             weight = child.__dict__.get(name)
-            if name in _masked_names(child) and weight is not None and weight.grad_fn is not None:
+            if name in _masked_names(child) and weight is not None and weight.requires_grad:
                 setattr(child, name, weight.detach())
 
 

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from .groups import Grouping
-from .masked_weight import reusable
+from .masked_weight import masked_weight
 from .targets import TargetSpec
 
 __all__ = ["SparseTarget"]
@@ -62,13 +62,12 @@ class SparseTarget:
         return self.grouping.reduce(tensor)
 
     def refresh(self) -> None:
-        """Recompute the effective `weight` from `weight_orig` and the mask, detached (in place when possible)."""
-        orig, out = self.orig, self.module.__dict__.get(self.tensor_name)
+        """Recompute the effective `weight` from `weight_orig` and the mask now, detached, as the hook would."""
+        hook = next(h for h in self.module._forward_pre_hooks.values()
+                    if getattr(h, "_tensor_name", None) == self.tensor_name and hasattr(h, "_written"))
         with torch.no_grad():
-            if reusable(out, orig):
-                torch.mul(orig, self.mask.view(torch.uint8), out=out)
-            else:  # setattr (not __dict__) so that nn.RNNBase keeps its _flat_weights in sync
-                setattr(self.module, self.tensor_name, orig * self.mask)
+            # setattr (not __dict__) so that nn.RNNBase keeps its _flat_weights in sync
+            setattr(self.module, self.tensor_name, masked_weight(self.module, self.tensor_name, hook._written))
 
     def __repr__(self) -> str:
         return f"SparseTarget({self.name!r})"
