@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     if fmt == "semi_structured" and sparsity != 0.5:
                         continue
                     sparse = make().to(device)
-                    dst_prune.apply(sparse, sparsity=sparsity, dense_stem_and_head=False, init="random")
+                    dst_prune.apply(sparse, sparsity=sparsity, method="static", dense_stem_and_head=False,
+                                    init="random")
                     samples = latency(dst_prune.export(sparse, format=fmt), x, timer, args.repeats)
                     results.append({"model": name, "batch": batch, "format": fmt, "sparsity": sparsity,
                                     **summary(samples), "ratio_to_dense": statistics.median(samples) / base})
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 xh = x.half()
                 base_half = statistics.median(latency(half, xh, timer, args.repeats))
                 sparse = make().to(device).half()
-                dst_prune.apply(sparse, sparsity=0.5, granularity="2:4", dense_stem_and_head=False)
+                dst_prune.apply(sparse, sparsity=0.5, method="static", granularity="2:4", dense_stem_and_head=False)
                 samples = latency(dst_prune.export(sparse, format="semi_structured"), xh, timer, args.repeats)
                 results.append({"model": name, "batch": batch, "format": "semi_structured fp16", "sparsity": 0.5,
                                 **summary(samples), "ratio_to_dense": statistics.median(samples) / base_half})

@@ -10,6 +10,7 @@ from torch import nn
 
 from . import stats
 from .algorithms.base import SparseAlgorithm
+from .bits import count_bits, pack_bits
 from .distributed import broadcast_masks, check_sync, ignore_masks_in_ddp
 from .errors import DSTError
 from .gradients import DenseGradient, arm, disarm
@@ -44,7 +45,8 @@ class DynamicSparsity(stats.SparsityReports):
         step_count: optimizer steps counted by `step()`.
         update_index: reallocations done so far.
         budget: the number of active weights, kept exactly (gradual methods lower it on their schedule).
-        ever_active: per tensor, the positions that were ever active (in-time over-parameterization).
+        ever_active: per tensor, the positions that were ever active (in-time over-parameterization),
+            bit-packed (`bits.pack_bits`: 1 bit per weight).
         history: one record per reallocation: step, per-layer active/pruned/grown counts, churn (the
             fraction of the active weights that are new), `itop` (the fraction of sparse weights ever
             active, Liu et al. 2021) and the algorithm's own metrics (threshold, drop fraction, ...).
@@ -67,7 +69,7 @@ class DynamicSparsity(stats.SparsityReports):
         self.step_count = 0
         self.update_index = 0
         self.history: list[dict] = []
-        self.ever_active = [t.mask.clone() for t in targets]
+        self.ever_active = [pack_bits(t.mask) for t in targets]
         self.dense_gradient_sinks = [DenseGradient() for _ in targets]
         self._optimizer = None
         self.optimizer = optimizer
@@ -195,7 +197,7 @@ class DynamicSparsity(stats.SparsityReports):
             with torch.no_grad():
                 target.orig.masked_fill_(~target.mask, 0)
             target.refresh()
-            ever.copy_(target.mask)
+            ever.copy_(pack_bits(target.mask))
         ignore_masks_in_ddp(self.model, self.targets)
 
     def check_sync(self) -> bool:
@@ -288,8 +290,8 @@ class DynamicSparsity(stats.SparsityReports):
             raise RuntimeError(f"dst_prune bug: {sum(active)} active weights after update "
                                f"{self.update_index} of {self.method}, expected exactly {self.budget}")
         for ever, target in zip(self.ever_active, self.targets):
-            ever |= target.mask
-        ever_active = sum(int(torch.count_nonzero(e)) for e in self.ever_active)
+            ever.bitwise_or_(pack_bits(target.mask))
+        ever_active = sum(count_bits(e) for e in self.ever_active)
         self.history.append({"step": self.step_count, "update": self.update_index, "active": active,
                              **self._changes, "churn": sum(self._changes["grown"]) / max(1, self.budget),
                              "itop": ever_active / self.n_sparse, **self.algorithm.metrics()})
