@@ -300,3 +300,20 @@ def test_the_weight_follows_every_way_weight_orig_can_change():
     target.mask.masked_fill_(target.mask.clone(), False)  # the mask changes in place
     target.mask.view(-1)[0] = True
     assert torch.equal(model(x), expected())
+
+
+def test_the_effective_weight_is_weight_orig_masked_in_place_with_no_tensor_of_its_own():
+    torch.manual_seed(0)
+    model = SmallCNN()
+    dst = dst_prune.apply(model, sparsity=0.8)
+    x, _ = small_cnn_batch()
+    model(x).sum().backward()
+    for t in dst.targets:
+        weight = getattr(t.module, t.tensor_name)
+        assert not isinstance(weight, nn.Parameter) and weight.data_ptr() == t.orig.data_ptr(), t.name
+    with torch.no_grad():
+        for t in dst.targets:
+            t.orig.add_(1.0)  # something (a careless optimizer, user code) writes at masked positions too
+    expected = dst_prune.remove(copy.deepcopy(model))(x)
+    assert torch.equal(model(x), expected)
+    assert all(not t.orig[~t.mask].any() and t.orig[t.mask].ne(0).all() for t in dst.targets)
