@@ -22,20 +22,32 @@ def derive_seed(seed: int, *keys: int) -> int:
 
 
 _SAMPLE = 1 << 14  # sample size of the threshold estimate in `kth_largest`
+_SAMPLE_SEED = 0x5EED  # the sample positions are fixed pseudo-random ones, the same on every rank
+
+
+def _sample_positions(n: int, device: torch.device) -> torch.Tensor:
+    """`_SAMPLE` pseudo-random positions in `[0, n)` that depend only on `n`.
+
+    Not a strided slice: weights and gradients are structured along rows (a Linear's gradient is
+    `g x^T`, each column scaled by one input), and a stride that divides the row length samples a
+    handful of columns only, whose values need not resemble the whole.
+    """
+    generator = torch.Generator().manual_seed(_SAMPLE_SEED + n)
+    return torch.randint(n, (_SAMPLE,), generator=generator).to(device)
 
 
 def kth_largest(flat: torch.Tensor, k: int) -> torch.Tensor:
     """The `k`-th largest value of the 1-D `flat` (`1 <= k <= n`), exactly.
 
-    For a large `n` and a small `k`, a strided sample first gives a value `t` that at least `k` entries
+    For a large `n` and a small `k`, a random sample first gives a value `t` that at least `k` entries
     reach with high probability; the exact selection then runs on the entries `>= t` only (which hold
     the top `k` whenever there are at least `k` of them), else on everything.
     """
     n = flat.numel()
     if n > 4 * _SAMPLE and k < n // 8:
-        sample = flat[:: n // _SAMPLE]
-        rank = min(sample.numel(), 5 * k * sample.numel() // (4 * n) + 64)  # 25% and 64 above the expected rank
-        estimate = torch.kthvalue(sample, sample.numel() - rank + 1).values
+        sample = flat[_sample_positions(n, flat.device)]
+        rank = min(_SAMPLE, 5 * k * _SAMPLE // (4 * n) + 64)  # 25% and 64 above the expected rank
+        estimate = torch.kthvalue(sample, _SAMPLE - rank + 1).values
         superset = flat[flat >= estimate]
         if superset.numel() >= k:
             return torch.kthvalue(superset, superset.numel() - k + 1).values

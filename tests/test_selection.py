@@ -71,3 +71,13 @@ def test_random_indices_cover_candidates_uniformly():
     assert hits[~candidates].sum() == 0
     rates = hits[candidates] / 400  # expected 50/900 each
     assert abs(float(rates.mean()) - 50 / 900) < 1e-9 and float(rates.std()) < 0.02
+
+
+@pytest.mark.parametrize("k", [10, 2_000, 40_000])
+def test_top_k_of_a_column_structured_gradient_is_exact(k):
+    """A Linear's gradient `g x^T` scales whole columns: the threshold sample must not see only a few."""
+    g = torch.Generator().manual_seed(k)
+    grad = torch.outer(torch.randn(256, generator=g), torch.randn(2048, generator=g) ** 3).abs()
+    expected = torch.zeros(grad.numel(), dtype=torch.bool)
+    expected[torch.argsort(grad.flatten(), descending=True, stable=True)[:k]] = True
+    assert torch.equal(top_k_mask(grad, k).flatten(), expected)
