@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 __all__ = ["GROWTH_STREAM", "INIT_STREAM", "derive_seed", "global_top_k", "random_indices", "random_positions",
-           "top_k_mask"]
+           "top_k_indices", "top_k_mask"]
 
 GROWTH_STREAM, INIT_STREAM = 0, 1
 
@@ -36,22 +36,37 @@ def _sample_positions(n: int, device: torch.device) -> torch.Tensor:
     return torch.randint(n, (_SAMPLE,), generator=generator).to(device)
 
 
-def kth_largest(flat: torch.Tensor, k: int) -> torch.Tensor:
-    """The `k`-th largest value of the 1-D `flat` (`1 <= k <= n`), exactly.
+def top_k_superset(flat: torch.Tensor, k: int) -> torch.Tensor | None:
+    """Ascending indices of a subset of the 1-D `flat` that holds its `k` largest entries, or None.
 
-    For a large `n` and a small `k`, a random sample first gives a value `t` that at least `k` entries
-    reach with high probability; the exact selection then runs on the entries `>= t` only (which hold
-    the top `k` whenever there are at least `k` of them), else on everything.
+    For a large `n` and a small `k`, a random sample gives a value `t` that at least `k` entries reach
+    with high probability; the entries `>= t` then hold the top `k` (ties included) whenever there are
+    at least `k` of them. None when `k` is too large for this to pay, or when the sample fell short.
     """
     n = flat.numel()
-    if n > 4 * _SAMPLE and k < n // 8:
-        sample = flat[_sample_positions(n, flat.device)]
-        rank = min(_SAMPLE, 5 * k * _SAMPLE // (4 * n) + 64)  # 25% and 64 above the expected rank
-        estimate = torch.kthvalue(sample, _SAMPLE - rank + 1).values
-        superset = flat[flat >= estimate]
-        if superset.numel() >= k:
-            return torch.kthvalue(superset, superset.numel() - k + 1).values
-    return torch.kthvalue(flat, n - k + 1).values
+    if n <= 4 * _SAMPLE or k >= n // 8:
+        return None
+    sample = flat[_sample_positions(n, flat.device)]
+    rank = min(_SAMPLE, 5 * k * _SAMPLE // (4 * n) + 64)  # 25% and 64 above the expected rank
+    estimate = torch.kthvalue(sample, _SAMPLE - rank + 1).values
+    superset = (flat >= estimate).nonzero().view(-1)
+    return superset if superset.numel() >= k else None
+
+
+def kth_largest(flat: torch.Tensor, k: int) -> torch.Tensor:
+    """The `k`-th largest value of the 1-D `flat` (`1 <= k <= n`), exactly, in O(n)."""
+    superset = top_k_superset(flat, k)
+    values = flat if superset is None else flat[superset]
+    return torch.kthvalue(values, values.numel() - k + 1).values
+
+
+def _at_least(values: torch.Tensor, kth: torch.Tensor, k: int) -> torch.Tensor:
+    """The `k` entries of the 1-D `values` above `kth`, its `k`-th largest, completed with the first ties."""
+    chosen = values > kth
+    missing = k - int(torch.count_nonzero(chosen))
+    if missing:
+        chosen[(values == kth).nonzero().view(-1)[:missing]] = True
+    return chosen
 
 
 def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -60,12 +75,24 @@ def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     n = flat.numel()
     if k <= 0 or k >= n:
         return torch.full(scores.shape, k >= n and n > 0, dtype=torch.bool, device=scores.device)
-    kth = kth_largest(flat, k)
-    chosen = flat > kth
-    missing = k - int(torch.count_nonzero(chosen))
-    if missing:
-        chosen[(flat == kth).nonzero().view(-1)[:missing]] = True
-    return chosen.view(scores.shape)
+    return _at_least(flat, kth_largest(flat, k), k).view(scores.shape)
+
+
+def top_k_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """`top_k_mask` as ascending flat (row-major) indices.
+
+    For a small `k` (a topology update moves a few percent of the weights) the selection, the ties and
+    the `nonzero` run on the sampled superset only: one compare pass over all `n` entries, where
+    `top_k_mask(...).nonzero()` costs three.
+    """
+    flat = scores.detach().reshape(-1)
+    n = flat.numel()
+    if k <= 0 or k >= n:
+        return torch.arange(n if k >= n else 0, device=flat.device)
+    superset = top_k_superset(flat, k)
+    values = flat if superset is None else flat[superset]
+    chosen = _at_least(values, torch.kthvalue(values, values.numel() - k + 1).values, k).nonzero().view(-1)
+    return chosen if superset is None else superset[chosen]
 
 
 def random_indices(candidates: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:

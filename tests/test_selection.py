@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dst_prune.selection import random_indices, random_positions, top_k_mask
+from dst_prune.selection import random_indices, random_positions, top_k_indices, top_k_mask
 
 
 def test_top_k_breaks_ties_by_lower_index():
@@ -81,3 +81,12 @@ def test_top_k_of_a_column_structured_gradient_is_exact(k):
     expected = torch.zeros(grad.numel(), dtype=torch.bool)
     expected[torch.argsort(grad.flatten(), descending=True, stable=True)[:k]] = True
     assert torch.equal(top_k_mask(grad, k).flatten(), expected)
+
+
+@pytest.mark.parametrize("k", [0, 1, 37, 3_000, 30_000, 150_000, 300_000])
+def test_top_k_indices_are_the_ascending_positions_of_top_k_mask(k):
+    g = torch.Generator().manual_seed(k)
+    scores = torch.randint(0, 1000, (600, 500), generator=g).float()  # ties at the k-th value, sampled path and not
+    scores[torch.rand(600, 500, generator=g) < 0.3] = float("-inf")
+    indices = top_k_indices(scores, k)
+    assert torch.equal(indices, top_k_mask(scores, k).reshape(-1).nonzero().view(-1))

@@ -23,7 +23,7 @@ from ..errors import DSTError
 from ..groups import top_k_per_block
 from ..masking import fill_positions, unwrap_optimizer, zero_positions
 from ..schedules import DECAYS, UpdateSchedule
-from ..selection import GROWTH_STREAM, derive_seed, random_positions, top_k_mask
+from ..selection import GROWTH_STREAM, derive_seed, random_indices, top_k_indices
 from ..sparse_target import SparseTarget
 
 if TYPE_CHECKING:
@@ -175,10 +175,11 @@ class SparseAlgorithm:
         return count
 
     def weakest_active(self, layer: int, count: int) -> torch.Tensor:
-        """The `count` active groups of `layer` with the smallest mean `|w|` (ties: lower index first)."""
+        """Flat indices of the `count` active groups of `layer` with the smallest mean `|w|` (ties: lower index)."""
         target = self.targets[layer]
-        active = target.group_mask()
-        return top_k_mask((-target.scores(target.orig)).masked_fill(~active, float("-inf")), count) & active
+        active = target.group_mask().reshape(-1)
+        weakest = top_k_indices((-target.scores(target.orig)).masked_fill(~target.group_mask(), float("-inf")), count)
+        return weakest[active[weakest]]
 
     def regrow_in_blocks(self, layer: int, scores: torch.Tensor, candidates: torch.Tensor,
                          counts_from: torch.Tensor) -> torch.Tensor:
@@ -200,32 +201,42 @@ class SparseAlgorithm:
         changes. With `n:m` granularity each block regrows exactly what it dropped, so every block keeps
         `n` active weights.
         """
-        drops, rooms, dropped = [], [], []
+        drops, rooms = [], []
         for layer, target in enumerate(self.targets):
             active = target.active_groups()
             drops.append(self.weakest_active(layer, min(int(fraction * active), active - 1)))
-            dropped.append(int(torch.count_nonzero(drops[-1])))
-            rooms.append(target.n_groups - active + dropped[-1])
+            rooms.append(target.n_groups - active + drops[-1].numel())
+        dropped = [d.numel() for d in drops]
         counts = grow_counts(dropped, rooms) if grow_counts else dropped
-        grows = []
         for layer, target in enumerate(self.targets):
-            candidates = ~target.group_mask() | drops[layer]
-            if grow_scores is None and target.grouping.kind != "n:m":
-                grows.append(random_positions(candidates, counts[layer], self.generator(layer)))
-                continue  # (bool: a just-dropped group drawn again must be kept, below)
-            scores = self.random_scores(layer) if grow_scores is None else grow_scores(layer).float()
-            if target.grouping.kind == "n:m":
-                grows.append(self.regrow_in_blocks(layer, scores, candidates, drops[layer]))
-                continue
-            grows.append(top_k_mask(torch.where(candidates, scores, float("-inf")), counts[layer]) & candidates)
-        for layer, target in enumerate(self.targets):  # both sets are exact already: no re-validation pass
-            if target.grouping.elementwise:
-                pruned, grown = drops[layer] & ~grows[layer], grows[layer] & ~drops[layer]
-                self.set_indices(layer, pruned.reshape(-1).nonzero().view(-1), False, pruned)
-                self.set_indices(layer, grown.reshape(-1).nonzero().view(-1), True, grown)
+            grouping, drop = target.grouping, drops[layer]
+            candidates = target.group_mask().logical_not().reshape(-1).index_fill_(0, drop, True)
+            if grow_scores is None and grouping.kind != "n:m":
+                grow = random_indices(candidates, counts[layer], self.generator(layer))
             else:
-                self.prune(layer, drops[layer] & ~grows[layer])
-                self.grow(layer, grows[layer] & ~drops[layer])
+                scores = self.random_scores(layer) if grow_scores is None else grow_scores(layer).float()
+                shaped = candidates.view(grouping.group_shape)
+                if grouping.kind == "n:m":
+                    dropped_here = torch.zeros_like(candidates).index_fill_(0, drop, True).view(grouping.group_shape)
+                    grow = self.regrow_in_blocks(layer, scores, shaped, dropped_here).reshape(-1).nonzero().view(-1)
+                else:
+                    grow = top_k_indices(torch.where(shaped, scores, float("-inf")), counts[layer])
+                    grow = grow[candidates[grow]]
+            # A group dropped and drawn again keeps its weights: only the net changes are written.
+            not_regrown = candidates.index_fill_(0, grow, False)  # (candidates is scratch from here on)
+            pruned, grown = drop[not_regrown[drop]], grow[~target.group_mask().reshape(-1)[grow]]
+            if grouping.elementwise:  # exact already: no re-validation pass
+                self.set_indices(layer, pruned, False)
+                self.set_indices(layer, grown, True)
+            else:
+                self.prune(layer, self.group_positions(layer, pruned))
+                self.grow(layer, self.group_positions(layer, grown))
+
+    def group_positions(self, layer: int, indices: torch.Tensor) -> torch.Tensor:
+        """Flat group `indices` of `layer` as a bool tensor of the grouping's group shape."""
+        target = self.targets[layer]
+        positions = torch.zeros(target.n_groups, dtype=torch.bool, device=target.mask.device)
+        return positions.index_fill_(0, indices, True).view(target.grouping.group_shape)
 
     def random_scores(self, layer: int) -> torch.Tensor:
         """Uniform scores over the groups of `layer`, from the layer's generator."""
