@@ -99,7 +99,9 @@ def rigl_torch(name, size, device, batch, autocast) -> Variant:
 
     model = build_model(name, size, device)
     optimizer = _sgd(model)
-    pruner = RigLScheduler(model, optimizer, dense_allocation=1 - SPARSITY, T_end=10**9, delta=10**8)
+    # Its default `ignore_linear_layers=True` would leave a ViT dense but for the patch embedding.
+    pruner = RigLScheduler(model, optimizer, dense_allocation=1 - SPARSITY, T_end=10**9, delta=10**8,
+                           ignore_linear_layers=False)
 
     def update() -> None:
         saved, pruner.step = pruner.step, pruner.delta_T - 1  # its hooks capture dense gradients now
