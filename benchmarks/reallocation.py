@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--sizes", nargs="+", type=int, default=list(SIZES), choices=list(SIZES))
     parser.add_argument("--methods", nargs="+", default=["static", "dsr", "set", "rigl", "snfs", "gmp"])
     parser.add_argument("--peers", nargs="*", default=["rigl-torch", "sparsimony-rigl", "sparsimony-set"])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results/reallocation.json"))
     args = parser.parse_args(argv)

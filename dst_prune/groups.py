@@ -70,6 +70,18 @@ class Grouping:
             return magnitude
         return magnitude.reshape(*self.group_shape, -1).mean(-1)
 
+    def below(self, tensor: torch.Tensor, threshold: float) -> torch.Tensor:
+        """Bool group tensor: where the mean `|tensor|` of the group is under `threshold` (> 0).
+
+        Elementwise, `-threshold < x < threshold` is two comparisons into bool tensors, without the
+        float `|x|` that `reduce` allocates (a fresh weight-sized tensor costs more in page faults than
+        the comparison itself).
+        """
+        if not self.elementwise:
+            return self.reduce(tensor) < threshold
+        tensor = tensor.detach()
+        return tensor.lt(threshold).logical_and_(tensor.gt(-threshold))
+
     def group_mask(self, mask: torch.Tensor) -> torch.Tensor:
         """The group-level view of an element mask (a group is active as a whole)."""
         if self.elementwise:

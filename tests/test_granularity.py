@@ -62,6 +62,18 @@ def test_dsr_prunes_kernels_whose_mean_magnitude_is_below_the_threshold():
     assert conv.weight_mask.all(-1).all(-1).flatten().tolist() == [True, False, True]
 
 
+@pytest.mark.parametrize("granularity", ["element", "kernel", "channel", "2:4"])
+def test_below_threshold_is_the_mean_magnitude_comparison(granularity):
+    kind, keep, block = dst_prune.groups.parse_granularity(granularity)
+    torch.manual_seed(0)
+    weight = torch.randn(8, 4, 3, 3) * 0.01
+    weight[0, 0, 0, :] = torch.tensor([0.005, -0.005, 0.0])  # exactly at +-threshold, and zero
+    weight[1, 1] = 0.0  # a whole zero kernel
+    grouping = Grouping(kind, weight.shape, block, keep)
+    for threshold in (0.005, 1e-3, 0.1):
+        assert torch.equal(grouping.below(weight, threshold), grouping.reduce(weight) < threshold)
+
+
 def test_rigl_with_channels_grows_the_channel_with_the_largest_mean_gradient():
     linear = nn.Linear(2, 4, bias=False)
     with torch.no_grad():

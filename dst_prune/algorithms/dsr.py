@@ -81,11 +81,10 @@ class DSR(SparseAlgorithm):
         self._pruned, self._freed, self._surviving = [], [], []
         for layer, target in enumerate(self.targets):
             active_groups = target.group_mask()
-            magnitude = target.scores(target.orig)
-            below = active_groups & (magnitude < self.threshold)
+            below = target.grouping.below(target.orig, self.threshold).logical_and_(active_groups)
             active = int(torch.count_nonzero(active_groups))
             if active and int(torch.count_nonzero(below)) == active:  # keep the strongest: never empty a tensor
-                below &= ~top_k_mask(magnitude.masked_fill(~active_groups, -1.0), 1)
+                below &= ~top_k_mask(target.scores(target.orig).masked_fill(~active_groups, -1.0), 1)
             freed = (self.set_indices(layer, below.reshape(-1).nonzero().view(-1), False, below)
                      if target.grouping.elementwise else self.prune(layer, below))
             self._pruned.append(below)
@@ -121,12 +120,13 @@ class DSR(SparseAlgorithm):
         counts = apportion(freed, surviving, room)
         grown = 0
         for layer, (target, count) in enumerate(zip(self.targets, counts)):
-            inactive = ~target.group_mask()
             if target.grouping.kind == "n:m":  # prefer never-pruned zeros, within each block
                 scores = self.random_scores(layer) + 2.0 * ~pruned[layer]
-                grown += self.grow(layer, self.regrow_in_blocks(layer, scores, inactive, pruned[layer]))
+                grown += self.grow(layer, self.regrow_in_blocks(layer, scores, ~target.group_mask(), pruned[layer]))
                 continue
-            candidates = inactive if reuse_pruned else inactive & ~pruned[layer]
+            # inactive and (unless reused) not just pruned: ~(mask | pruned), one bool tensor
+            candidates = ~target.group_mask() if reuse_pruned else target.group_mask().logical_or(
+                pruned[layer]).logical_not_()
             if target.grouping.elementwise:
                 grown += self.set_indices(layer, random_indices(candidates, count, self.generator(layer)), True)
             else:
