@@ -73,11 +73,12 @@ class Grouping:
     def below(self, tensor: torch.Tensor, threshold: float) -> torch.Tensor:
         """Bool group tensor: where the mean `|tensor|` of the group is under `threshold` (> 0).
 
-        Elementwise, `-threshold < x < threshold` is two comparisons into bool tensors, without the
-        float `|x|` that `reduce` allocates (a fresh weight-sized tensor costs more in page faults than
-        the comparison itself).
+        Elementwise on float32/float64, `-threshold < x < threshold` is two comparisons into bool tensors,
+        without the float `|x|` that `reduce` allocates (a fresh weight-sized tensor costs more in page
+        faults than the comparison itself). Half-precision weights take `reduce`, which compares in
+        float32: against a bf16/fp16 tensor the threshold itself would be rounded to that precision.
         """
-        if not self.elementwise:
+        if not self.elementwise or tensor.dtype not in (torch.float32, torch.float64):
             return self.reduce(tensor) < threshold
         tensor = tensor.detach()
         return tensor.lt(threshold).logical_and_(tensor.gt(-threshold))

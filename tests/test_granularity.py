@@ -69,9 +69,13 @@ def test_below_threshold_is_the_mean_magnitude_comparison(granularity):
     weight = torch.randn(8, 4, 3, 3) * 0.01
     weight[0, 0, 0, :] = torch.tensor([0.005, -0.005, 0.0])  # exactly at +-threshold, and zero
     weight[1, 1] = 0.0  # a whole zero kernel
+    weight[2, 0, 0, 0] = 0.01
     grouping = Grouping(kind, weight.shape, block, keep)
-    for threshold in (0.005, 1e-3, 0.1):
-        assert torch.equal(grouping.below(weight, threshold), grouping.reduce(weight) < threshold)
+    for dtype in (torch.float32, torch.bfloat16):
+        # the last is just above bf16(0.01) = 0.010009765625 and rounds down to it in bf16
+        for threshold in (0.005, 1e-3, 0.1, 0.010009765625 * (1 + 1e-4)):
+            w = weight.to(dtype)
+            assert torch.equal(grouping.below(w, threshold), grouping.reduce(w) < threshold), (dtype, threshold)
 
 
 def test_rigl_with_channels_grows_the_channel_with_the_largest_mean_gradient():
