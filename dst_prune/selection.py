@@ -7,11 +7,13 @@ computes the same result.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
-__all__ = ["GROWTH_STREAM", "INIT_STREAM", "derive_seed", "global_top_k", "random_indices", "random_positions",
-           "top_k_indices", "top_k_mask"]
+__all__ = ["GROWTH_STREAM", "INIT_STREAM", "derive_seed", "global_top_k", "index_mask", "random_indices",
+           "random_positions", "top_k_indices", "top_k_mask"]
 
 GROWTH_STREAM, INIT_STREAM = 0, 1
 
@@ -21,7 +23,7 @@ def derive_seed(seed: int, *keys: int) -> int:
     return int(np.random.SeedSequence([seed, *keys]).generate_state(2, dtype=np.uint64)[0] >> np.uint64(1))
 
 
-_SAMPLE = 1 << 14  # sample size of the threshold estimate in `kth_largest`
+_SAMPLE = 1 << 14  # sample size of the threshold estimate in `top_k_superset`
 _SAMPLE_SEED = 0x5EED  # the sample positions are fixed pseudo-random ones, the same on every rank
 
 
@@ -53,11 +55,12 @@ def top_k_superset(flat: torch.Tensor, k: int) -> torch.Tensor | None:
     return superset if superset.numel() >= k else None
 
 
-def kth_largest(flat: torch.Tensor, k: int) -> torch.Tensor:
-    """The `k`-th largest value of the 1-D `flat` (`1 <= k <= n`), exactly, in O(n)."""
+def _top_k_search(flat: torch.Tensor, k: int) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """`(superset, values, kth)`: where to look (`top_k_superset`, None for all of `flat`), the entries
+    there, and the `k`-th largest value of the 1-D `flat` (`1 <= k <= n`), exactly, in O(n)."""
     superset = top_k_superset(flat, k)
     values = flat if superset is None else flat[superset]
-    return torch.kthvalue(values, values.numel() - k + 1).values
+    return superset, values, torch.kthvalue(values, values.numel() - k + 1).values
 
 
 def _at_least(values: torch.Tensor, kth: torch.Tensor, k: int) -> torch.Tensor:
@@ -75,7 +78,7 @@ def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     n = flat.numel()
     if k <= 0 or k >= n:
         return torch.full(scores.shape, k >= n and n > 0, dtype=torch.bool, device=scores.device)
-    return _at_least(flat, kth_largest(flat, k), k).view(scores.shape)
+    return _at_least(flat, _top_k_search(flat, k)[2], k).view(scores.shape)
 
 
 def top_k_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -89,9 +92,8 @@ def top_k_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
     n = flat.numel()
     if k <= 0 or k >= n:
         return torch.arange(n if k >= n else 0, device=flat.device)
-    superset = top_k_superset(flat, k)
-    values = flat if superset is None else flat[superset]
-    chosen = _at_least(values, torch.kthvalue(values, values.numel() - k + 1).values, k).nonzero().view(-1)
+    superset, values, kth = _top_k_search(flat, k)
+    chosen = _at_least(values, kth, k).nonzero().view(-1)
     return chosen if superset is None else superset[chosen]
 
 
@@ -122,11 +124,15 @@ def random_indices(candidates: torch.Tensor, count: int, generator: torch.Genera
     return picked
 
 
+def index_mask(indices: torch.Tensor, shape: torch.Size | tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """A bool tensor of `shape`, True at the flat (row-major) `indices`."""
+    mask = torch.zeros(math.prod(shape), dtype=torch.bool, device=device)
+    return mask.index_fill_(0, indices.to(device), True).view(shape)
+
+
 def random_positions(candidates: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
     """`random_indices` as a bool tensor of `candidates`' shape."""
-    chosen = torch.zeros(candidates.numel(), dtype=torch.bool, device=candidates.device)
-    chosen[random_indices(candidates, count, generator)] = True
-    return chosen.view(candidates.shape)
+    return index_mask(random_indices(candidates, count, generator), candidates.shape, candidates.device)
 
 
 def global_top_k(scores: list[torch.Tensor], k: int) -> list[torch.Tensor]:

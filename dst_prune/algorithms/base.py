@@ -23,7 +23,7 @@ from ..errors import DSTError
 from ..groups import top_k_per_block
 from ..masking import fill_positions, unwrap_optimizer, zero_positions
 from ..schedules import DECAYS, UpdateSchedule
-from ..selection import GROWTH_STREAM, derive_seed, random_indices, top_k_indices
+from ..selection import GROWTH_STREAM, derive_seed, index_mask, random_indices, top_k_indices
 from ..sparse_target import SparseTarget
 
 if TYPE_CHECKING:
@@ -167,8 +167,7 @@ class SparseAlgorithm:
         count = indices.numel() // target.grouping.group_size
         if count:
             if positions is None and not target.mask.is_contiguous():
-                positions = torch.zeros(target.shape, dtype=torch.bool, device=target.mask.device)
-                positions.view(-1)[indices] = True
+                positions = index_mask(indices, target.shape, target.mask.device)
             fill_positions(target.mask, indices, positions, active)
             zero_positions(target, indices, positions, unwrap_optimizer(self.controller.optimizer))
         self.controller.record_change(layer, **{"grown" if active else "pruned": count})
@@ -177,9 +176,9 @@ class SparseAlgorithm:
     def weakest_active(self, layer: int, count: int) -> torch.Tensor:
         """Flat indices of the `count` active groups of `layer` with the smallest mean `|w|` (ties: lower index)."""
         target = self.targets[layer]
-        active = target.group_mask().reshape(-1)
-        weakest = top_k_indices((-target.scores(target.orig)).masked_fill(~target.group_mask(), float("-inf")), count)
-        return weakest[active[weakest]]
+        active = target.group_mask()
+        weakest = top_k_indices((-target.scores(target.orig)).masked_fill(~active, float("-inf")), count)
+        return weakest[active.reshape(-1)[weakest]]
 
     def regrow_in_blocks(self, layer: int, scores: torch.Tensor, candidates: torch.Tensor,
                          counts_from: torch.Tensor) -> torch.Tensor:
@@ -217,26 +216,20 @@ class SparseAlgorithm:
                 scores = self.random_scores(layer) if grow_scores is None else grow_scores(layer).float()
                 shaped = candidates.view(grouping.group_shape)
                 if grouping.kind == "n:m":
-                    dropped_here = torch.zeros_like(candidates).index_fill_(0, drop, True).view(grouping.group_shape)
+                    dropped_here = index_mask(drop, grouping.group_shape, candidates.device)
                     grow = self.regrow_in_blocks(layer, scores, shaped, dropped_here).reshape(-1).nonzero().view(-1)
                 else:
                     grow = top_k_indices(torch.where(shaped, scores, float("-inf")), counts[layer])
                     grow = grow[candidates[grow]]
             # A group dropped and drawn again keeps its weights: only the net changes are written.
             not_regrown = candidates.index_fill_(0, grow, False)  # (candidates is scratch from here on)
-            pruned, grown = drop[not_regrown[drop]], grow[~target.group_mask().reshape(-1)[grow]]
+            pruned, grown = drop[not_regrown[drop]], grow[target.group_mask().reshape(-1)[grow].logical_not_()]
             if grouping.elementwise:  # exact already: no re-validation pass
                 self.set_indices(layer, pruned, False)
                 self.set_indices(layer, grown, True)
             else:
-                self.prune(layer, self.group_positions(layer, pruned))
-                self.grow(layer, self.group_positions(layer, grown))
-
-    def group_positions(self, layer: int, indices: torch.Tensor) -> torch.Tensor:
-        """Flat group `indices` of `layer` as a bool tensor of the grouping's group shape."""
-        target = self.targets[layer]
-        positions = torch.zeros(target.n_groups, dtype=torch.bool, device=target.mask.device)
-        return positions.index_fill_(0, indices, True).view(target.grouping.group_shape)
+                self.prune(layer, index_mask(pruned, grouping.group_shape, target.mask.device))
+                self.grow(layer, index_mask(grown, grouping.group_shape, target.mask.device))
 
     def random_scores(self, layer: int) -> torch.Tensor:
         """Uniform scores over the groups of `layer`, from the layer's generator."""
