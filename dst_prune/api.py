@@ -1,4 +1,4 @@
-"""The entry points: `apply`, `remove`, `load_sparse_state_dict`.
+"""The entry points `apply` and `remove` (`load_sparse_state_dict` is in `loading.py`).
 
 Every argument is validated, the targets chosen and the initial masks computed before the model is
 touched; if attaching fails anyway, the model is restored exactly (parameter order included).
@@ -7,8 +7,7 @@ touched; if attaching fails anyway, the model is restored exactly (parameter ord
 from __future__ import annotations
 
 import logging
-import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -18,12 +17,16 @@ from .distributions import DISTRIBUTIONS
 from .errors import DSTError
 from .groups import Grouping, groupings_for
 from .initialization import INITS, initial_masks
-from .masking import attach, attach_readers, direct_readers, is_sparse, make_permanent, require_optimizer
+from .masked_weight import zero_outside
+from .masking import attach, is_sparse, make_permanent
+from .optimizer_state import require_optimizer
+from .readers import attach_readers, direct_readers
 from .schedules import UpdateSchedule
 from .sparsity import DynamicSparsity
 from .targets import NameFilter, TargetSpec, find_targets
+from .validation import check_choice, check_int, check_number, check_steps
 
-__all__ = ["apply", "load_sparse_state_dict", "remove"]
+__all__ = ["apply", "remove"]
 
 logger = logging.getLogger(__name__)
 
@@ -32,29 +35,22 @@ def _check_model(model: object) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise DSTError(f"model must be a torch.nn.Module; received {type(model).__name__}.")
     if isinstance(model, torch.jit.ScriptModule):
-        raise DSTError("model is a TorchScript module; apply dst_prune to the eager model, then script it.")
+        raise DSTError("model is a TorchScript module; apply dst_prune to the eager model. To script a trained "
+                       "sparse model, script its export: torch.jit.script(dst_prune.export(model)).")
     if is_sparse(model):
         raise DSTError("model is already sparse (dst_prune masks are attached). Keep using its controller, "
                        "call dst_prune.remove(model) first, or load a checkpoint with load_sparse_state_dict.")
     return model
 
 
-def _check_number(value: object, argument: str, low: float, high: float, expected: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value < high:
-        raise DSTError(f"{argument} must be a number {expected}; received {value!r}.")
-    return float(value)
-
-
-def _check_choice(value: object, argument: str, choices: Sequence[str]) -> str:
-    if not isinstance(value, str) or value not in choices:
-        raise DSTError(f"{argument}={value!r} is unknown; valid choices: {', '.join(choices)}.")
-    return value
-
-
-def _check_seed(seed: object) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise DSTError(f"seed must be a non-negative integer; received {seed!r}.")
-    return seed
+def _refuse_non_finite(specs: Sequence[TargetSpec], params: Sequence[torch.Tensor]) -> None:
+    """Non-finite weights are broken input, not something to choose masks by (`dst_prune.scores`)."""
+    for spec, param in zip(specs, params):
+        bad = int(torch.count_nonzero(~torch.isfinite(param.detach())))
+        if bad:
+            raise DSTError(f"{spec.name} has {bad} non-finite values (NaN or inf) of {param.numel()}; a mask "
+                           f"chosen from them would be meaningless. Fix or reload the weights (or exclude "
+                           f"{spec.name!r}) before dst_prune.apply.")
 
 
 def _algorithm_and_schedule(method: object, hyperparameters: dict, *, update_every: int, total_steps: int | None,
@@ -65,16 +61,16 @@ def _algorithm_and_schedule(method: object, hyperparameters: dict, *, update_eve
     if total_steps is not None and (isinstance(total_steps, bool) or not isinstance(total_steps, int)
                                     or total_steps < 1):
         raise DSTError(f"total_steps must be None or a positive integer; received {total_steps!r}.")
-    if stop_fraction is not None and (isinstance(stop_fraction, bool) or not isinstance(stop_fraction, (int, float))
-                                      or not 0 < stop_fraction <= 1):
-        raise DSTError(f"stop_fraction must be a number in (0, 1]; received {stop_fraction!r}.")
+    if stop_fraction is not None:
+        check_number(stop_fraction, "stop_fraction", low=0.0, high=1.0, low_open=True, high_open=False)
+    double_at = check_steps(double_at, "double_at")
     fraction = stop_fraction if stop_fraction is not None else algorithm.default_stop_fraction
     if stop_step is None and fraction is not None and total_steps is not None:
         stop_step = max(1, round(fraction * total_steps))
-    if algorithm.needs_total_steps and stop_step is None:
+    if algorithm.needs_total_steps and stop_step is None and total_steps is None:
         raise DSTError(f"method={algorithm.name!r} needs the length of training for its schedule: pass "
                        f"total_steps=<number of optimizer steps> (or stop_step=...).")
-    schedule = UpdateSchedule(update_every=update_every, stop_step=stop_step, double_at=tuple(double_at))
+    schedule = UpdateSchedule(update_every=update_every, stop_step=stop_step, double_at=double_at)
     algorithm.check_schedule(schedule)
     return algorithm, schedule
 
@@ -82,7 +78,7 @@ def _algorithm_and_schedule(method: object, hyperparameters: dict, *, update_eve
 def _attach_all(model: nn.Module, specs: list[TargetSpec], masks: list[torch.Tensor], groupings: list[Grouping],
                 **controller_arguments: object) -> DynamicSparsity:
     """Attach every mask, or none: on failure the touched modules are restored exactly."""
-    readers = direct_readers(model, specs)
+    readers = direct_readers(model, specs)  # (before anything is attached: nothing to undo if it fails)
     touched = {id(m): m for m in (model.get_submodule(s.module_name) for s in specs)}
     touched.update({id(m): m for m in (model.get_submodule(n) for n in readers)})
     saved = {key: (dict(m._parameters), dict(m._buffers), dict(m._forward_pre_hooks), dict(m._forward_hooks),
@@ -92,7 +88,7 @@ def _attach_all(model: nn.Module, specs: list[TargetSpec], masks: list[torch.Ten
         attach_readers(model, readers)
         for target in targets:  # only now, when nothing can fail any more, zero the masked weights
             with torch.no_grad():
-                target.orig.masked_fill_(~target.mask, 0)
+                zero_outside(target.orig, target.mask)
             target.refresh()
     except BaseException:
         for key, module in touched.items():
@@ -125,7 +121,8 @@ def apply(model: nn.Module, *, sparsity: float, method: str = "dsr", distributio
         sparsity: the fraction of zeros among the sparse parameters, in [0, 1). Exactly
             `round((1 - sparsity) * N)` weights stay active, for every distribution and every update
             (gradual methods start denser and reach it at their stop step).
-        method: the algorithm, one of `dst_prune.list_methods()`.
+        method: the algorithm: one of `dst_prune.list_methods()`, or a `dst_prune.SparseAlgorithm` (a subclass, or
+            a fresh instance, e.g. of a method of your own; see `dst_prune.register_method`).
         distribution: how the budget is split across layers: `uniform`, `er`, `erk` or `global` (the
             largest weights of the whole model, at least one per layer).
         include: `None` for the default layers; else exactly the parameters it matches (a regex for
@@ -157,23 +154,24 @@ def apply(model: nn.Module, *, sparsity: float, method: str = "dsr", distributio
         DSTError: any bad argument; the model is left untouched.
     """
     model = _check_model(model)
-    sparsity = _check_number(sparsity, "sparsity", 0.0, 1.0, "in [0, 1)")
-    distribution = _check_choice(distribution, "distribution", DISTRIBUTIONS)
-    init = _check_choice(init, "init", INITS)
-    seed = _check_seed(seed)
+    sparsity = check_number(sparsity, "sparsity", low=0.0, high=1.0)
+    distribution = check_choice(distribution, "distribution", DISTRIBUTIONS)
+    init = check_choice(init, "init", INITS)
+    seed = check_int(seed, "seed")
     algorithm, schedule = _algorithm_and_schedule(method, hyperparameters, update_every=update_every,
                                                   total_steps=total_steps, stop_step=stop_step,
                                                   stop_fraction=stop_fraction, double_at=double_at)
     start_sparsity = algorithm.initial_sparsity(sparsity)
     specs = find_targets(model, include=include, exclude=exclude, dense_stem_and_head=dense_stem_and_head)
     params = [model.get_submodule(s.module_name)._parameters[s.tensor_name] for s in specs]
+    _refuse_non_finite(specs, params)
     groupings = groupings_for(granularity, [s.name for s in specs], [p.shape for p in params], sparsity=sparsity,
-                              distribution=distribution, gradual=algorithm.gradual)
+                              distribution=distribution, gradual=algorithm.gradual, layouts=[s.layout for s in specs])
     masks = initial_masks(specs, params, sparsity=start_sparsity, final_sparsity=sparsity,
                           distribution=distribution, init=init, seed=seed, groupings=groupings)
     require_optimizer(optimizer)
     config = {"distribution": distribution, "init": init, "granularity": granularity,
-              "hyperparameters": dict(hyperparameters)}
+              "hyperparameters": dict(hyperparameters), "stop_fraction": stop_fraction, "stop_step": stop_step}
     return _attach_all(model, specs, masks, groupings, algorithm=algorithm, schedule=schedule, seed=seed,
                        target_sparsity=sparsity, distribution=distribution, total_steps=total_steps,
                        optimizer=optimizer, config=config)
@@ -193,54 +191,3 @@ def remove(model: nn.Module) -> nn.Module:
     if not make_permanent(model):
         logger.warning("dst_prune.remove: the model has no dst_prune masks; nothing to remove")
     return model
-
-
-def load_sparse_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, method: str = "dsr",
-                           granularity: str = "element", optimizer: object = None, update_every: int = 100,
-                           total_steps: int | None = None, stop_step: int | None = None, seed: int = 0,
-                           **hyperparameters: object) -> DynamicSparsity:
-    """Load a sparse checkpoint into a fresh (dense) model without knowing how it was made sparse.
-
-    The sparse tensors are those with `<name>_orig` and `<name>_mask` entries in `state_dict`; they get
-    those masks, the whole state dict is loaded (strictly), and a controller keeping that exact number
-    of active weights (with the given method and schedule) is returned.
-
-    Raises:
-        DSTError: the state dict has no masks, or does not fit the model; the model is left untouched.
-    """
-    model = _check_model(model)
-    names = [k[: -len("_mask")] for k in state_dict if k.endswith("_mask") and k[: -len("_mask")] + "_orig"
-             in state_dict]
-    if not names:
-        raise DSTError("state_dict has no '<name>_orig'/'<name>_mask' pairs: it is not a sparse checkpoint. "
-                       "A dense state_dict loads with model.load_state_dict.")
-    own = model.state_dict()
-    expected = (set(own) - set(names)) | {n + "_orig" for n in names} | {n + "_mask" for n in names}
-    missing, unexpected = sorted(expected - set(state_dict)), sorted(set(state_dict) - expected)
-    if missing or unexpected:
-        raise DSTError(f"state_dict does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}. "
-                       f"Build the same architecture as the checkpoint's.")
-    for name in names:
-        if own[name].shape != state_dict[name + "_mask"].shape:
-            raise DSTError(f"{name}: the checkpoint's mask has shape {tuple(state_dict[name + '_mask'].shape)}, "
-                           f"the model's parameter {tuple(own[name].shape)}.")
-    seed = _check_seed(seed)
-    algorithm, schedule = _algorithm_and_schedule(method, hyperparameters, update_every=update_every,
-                                                  total_steps=total_steps, stop_step=stop_step,
-                                                  stop_fraction=None, double_at=())
-    specs = find_targets(model, include="|".join(map(re.escape, names)), dense_stem_and_head=False)
-    params = [model.get_submodule(s.module_name)._parameters[s.tensor_name] for s in specs]
-    masks = [torch.empty_like(p, dtype=torch.bool).copy_(state_dict[s.name + "_mask"]) for p, s in zip(params, specs)]
-    require_optimizer(optimizer)
-    active, total = sum(int(m.sum()) for m in masks), sum(m.numel() for m in masks)
-    groupings = groupings_for(granularity, names, [p.shape for p in params], sparsity=1 - active / total,
-                              distribution="uniform", gradual=algorithm.gradual)
-    for spec, mask, grouping in zip(specs, masks, groupings):
-        if not torch.equal(grouping.expand(grouping.group_mask(mask)), mask):
-            raise DSTError(f"{spec.name}: the checkpoint's mask is not made of whole {granularity} groups. Pass the "
-                           f"granularity it was trained with.")
-    controller = _attach_all(model, specs, masks, groupings, algorithm=algorithm, schedule=schedule, seed=seed,
-                             target_sparsity=1 - active / total, distribution="uniform", total_steps=total_steps,
-                             optimizer=optimizer, config={"loaded": True, "granularity": granularity})
-    model.load_state_dict(state_dict)
-    return controller

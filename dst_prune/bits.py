@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["count_bits", "pack_bits"]
+__all__ = ["count_bits", "pack_bits", "packed_length", "unpack_bits"]
 
 _POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int64)
 
@@ -24,3 +24,18 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
 def count_bits(packed: torch.Tensor) -> int:
     """The number of set bits of a packed mask."""
     return int(_POPCOUNT.to(packed.device)[packed.long()].sum())
+
+
+def unpack_bits(packed: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
+    """The inverse of `pack_bits`: a bool tensor of `shape`."""
+    n = 1
+    for size in shape:
+        n *= size
+    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
+    bits = (packed.view(-1, 1) >> shifts).bitwise_and_(1).view(-1)[:n]
+    return bits.to(torch.bool).view(shape)
+
+
+def packed_length(numel: int) -> int:
+    """The number of bytes `pack_bits` makes of `numel` bools."""
+    return (numel + 7) // 8

@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from .errors import DSTError
-from .masking import DSTMask, direct_readers, is_sparse, make_permanent
+from .masking import DSTMask, is_sparse, make_permanent
+from .readers import direct_readers
 from .targets import TargetSpec
 
 __all__ = ["FORMATS", "CSRLinear", "export"]

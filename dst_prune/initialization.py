@@ -8,8 +8,8 @@ import torch
 
 from .distributions import layer_budgets, total_budget
 from .errors import DSTError
-from .groups import Grouping, top_k_per_block
-from .selection import INIT_STREAM, derive_seed, global_top_k, top_k_mask
+from .groups import Grouping
+from .selection import INIT_STREAM, derive_seed, global_top_k
 from .targets import TargetSpec
 
 __all__ = ["INITS", "initial_masks"]
@@ -55,13 +55,10 @@ def initial_masks(specs: Sequence[TargetSpec], params: Sequence[torch.Tensor], *
         groupings: the groups pruned as wholes (`granularity`); weights by default. With `n:m`, every
             block of `m` keeps its `n` best.
     """
-    groupings = groupings or [Grouping("element", p.shape) for p in params]
+    groupings = groupings or [Grouping(p.shape) for p in params]
     shapes, sizes = [p.shape for p in params], [g.n_groups for g in groupings]
     scores = [_scores(p, g, init, seed, i) for i, (p, g) in enumerate(zip(params, groupings))]
-    if groupings[0].kind == "n:m":
-        chosen = [g.from_blocks(top_k_per_block(g.to_blocks(s), torch.full((g.n_groups // g.block,), g.keep)))
-                  for g, s in zip(groupings, scores)]
-    elif distribution == "global":
+    if distribution == "global":
         n = sum(sizes)
         for s in (sparsity, final_sparsity):
             if total_budget(s, n) < len(params):
@@ -72,5 +69,5 @@ def initial_masks(specs: Sequence[TargetSpec], params: Sequence[torch.Tensor], *
         _refuse_empty(specs, layer_budgets(shapes, final_sparsity, distribution, sizes), final_sparsity, distribution)
         counts = layer_budgets(shapes, sparsity, distribution, sizes)
         _refuse_empty(specs, counts, sparsity, distribution)
-        chosen = [top_k_mask(s, c) for s, c in zip(scores, counts)]
+        chosen = [g.initial_groups(s, c) for g, s, c in zip(groupings, scores, counts)]
     return [_like(p, g, c) for p, g, c in zip(params, groupings, chosen)]

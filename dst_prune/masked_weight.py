@@ -3,18 +3,20 @@
 `weight_orig` is zero wherever the mask is (DESIGN.md rule 3: pruned weights are zeroed, regrown ones
 start at zero, and the masked gradient keeps them there under any optimizer that maps a zero gradient
 and zero state to no change). So the product equals `weight_orig` itself, and `masked_weight` makes
-that true by construction rather than by trust: it masks `weight_orig` in place, `orig.mul_(mask)`,
+that true by construction rather than by trust: it masks `weight_orig` in place,
+`torch.where(mask, orig, 0, out=orig)`,
 whenever `weight_orig` or the mask changed since it last did (after every optimizer step; not on a
 second forward of a gradient-accumulation step), and returns `weight_orig` as the effective weight
 through `MaskedWeight`, whose backward masks the gradient. Compared with writing the product into a
 tensor of its own (as `torch.nn.utils.prune` does), this is one elementwise pass over the weights and
 no weight-sized tensor at all: 4 bytes per sparse weight less memory. Measured alternatives, on CPU:
 
-- a plain `orig * mask` on a bool mask is not vectorized (about 5x slower than a float multiply) and
-  allocates a fresh weight-sized tensor every step (page faults: most of its cost); reading the mask
-  as uint8 is about 2x faster than bool;
-- `torch.where(mask, orig, 0)`, `masked_fill` and index gathers were all slower than the uint8 multiply
-  at 90% sparsity.
+- an in-place `torch.where(mask, orig, 0, out=orig)` is the fastest (torch 2.14, 2 CPU threads, a
+  4096 x 4096 weight at 90% sparsity: 32 ms, against 49 ms for `masked_fill_(~mask, 0)` and 85 ms for
+  a multiply by the mask read as uint8), and unlike a multiply it is exact for non-finite values: a NaN
+  or infinite weight or gradient at a masked position becomes 0, where `nan * 0` stays NaN;
+- a plain `orig * mask` allocates a fresh weight-sized tensor every step (page faults: most of its
+  cost).
 
 Anything a pruned position of `weight_orig` held is discarded at the next forward, which is what a
 mask means; the tests check that outputs equal those of a `remove()`d copy. Writing into `weight`
@@ -27,11 +29,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["MaskedWeight", "masked_weight"]
+__all__ = ["MaskedWeight", "masked_weight", "zero_outside"]
 
 
-def _factor(mask: torch.Tensor) -> torch.Tensor:
-    return mask.view(torch.uint8)
+def zero_outside(tensor: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """`tensor` with zeros where `mask` is False, in place (exact for NaN and inf too)."""
+    return torch.where(mask, tensor, tensor.new_zeros(()), out=tensor)
 
 
 def _writable(grad: torch.Tensor) -> bool:
@@ -55,7 +58,7 @@ class MaskedWeight(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         (mask,) = ctx.saved_tensors
-        return (grad.mul_(_factor(mask)) if _writable(grad) else grad * _factor(mask)), None
+        return (zero_outside(grad, mask) if _writable(grad) else torch.where(mask, grad, 0)), None
 
 
 def _sources(orig: torch.Tensor, mask: torch.Tensor) -> list[int]:
@@ -70,10 +73,10 @@ def masked_weight(module: nn.Module, name: str, last: list) -> torch.Tensor:
     """
     orig, mask = module._parameters[name + "_orig"], module._buffers[name + "_mask"]
     if torch.compiler.is_compiling():
-        return orig * mask
+        return torch.where(mask, orig, 0)
     if _sources(orig, mask) != last:
         with torch.no_grad():
-            orig.mul_(_factor(mask))
+            zero_outside(orig, mask)
         last[:] = _sources(orig, mask)
     if torch.is_grad_enabled() and orig.requires_grad:
         return MaskedWeight.apply(orig, mask)

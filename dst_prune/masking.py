@@ -1,44 +1,46 @@
-"""The one `torch.nn.utils.prune` method of dst_prune, and everything that keeps it correct.
+"""The one `torch.nn.utils.prune` method of dst_prune, attached once per sparse parameter.
 
-A sparse parameter keeps the standard pruning layout: the trainable `weight_orig` parameter, a
-`torch.bool` buffer `weight_mask`, and a plain tensor `weight = weight_orig * weight_mask` recomputed
-by a forward pre-hook (`DSTMask`). Masks are written in place, never replaced. Between forwards,
-`weight` is kept a detached tensor so that `copy.deepcopy(model)` works after a training forward
-(timm's `ModelEmaV3` relies on it). Parents that read a child's weight directly instead of calling the
-child (`nn.MultiheadAttention.out_proj`, torchvision's `ShiftedWindowAttention`, timm's EVA/BEiT
-attention, `nn.TransformerEncoderLayer`'s fast path, ...) get a pre-hook that recomputes the child's
-weight first; they are found by reading their source (`direct_readers`).
+A sparse parameter keeps the standard pruning layout on the live model: the trainable `weight_orig`
+parameter, a `torch.bool` buffer `weight_mask`, and `weight` recomputed by a forward pre-hook
+(`DSTMask`), so `prune.is_pruned`, `prune.remove` and anything that knows pruning keep working. Masks are
+written in place, never replaced. Between forwards, `weight` is kept a detached tensor so that
+`copy.deepcopy(model)` works after a training forward (timm's `ModelEmaV3` relies on it).
+
+Checkpoints are plain (DESIGN.md rule 9): `model.state_dict()` holds `weight` (the masked
+`weight_orig`, zeros in place) and no mask, so it loads with `strict=True` into an untouched model; the
+masks travel in the controller's `state_dict()`. A sparse model's `load_state_dict` takes plain state
+dicts (its masks stay) and torch prune's `weight_orig`/`weight_mask` form (its masks are loaded).
+`pruned_state_dict(model)` gives torch prune's form on request.
 """
 
 from __future__ import annotations
 
-import functools
-import inspect
+import contextlib
 import logging
-import re
 from collections.abc import Iterator
 
 import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from .errors import DSTError
 from .gradients import sink_for
 from .groups import Grouping
-from .masked_weight import masked_weight
+from .masked_weight import masked_weight, zero_outside
 from .sparse_target import SparseTarget
 from .targets import TargetSpec
 
-__all__ = [
-    "DSTMask", "attach", "direct_readers", "is_sparse", "make_permanent", "mask_hooks", "require_optimizer",
-    "unwrap_optimizer",
-]
+__all__ = ["READ_BY_PARENT", "DSTHook", "DSTMask", "attach", "is_sparse", "make_permanent", "mask_hooks",
+           "masked_names", "pruned_state_dict"]
 
 logger = logging.getLogger(__name__)
 
-_READ_BY_PARENT = "_dst_prune_read_by_parent"
-# attribute reads that only look at a weight's metadata, not its values
-_METADATA = {"device", "dtype", "shape", "size", "ndim", "dim", "requires_grad", "is_cuda", "numel", "T"}
+_PRUNE_KEYS = {"on": False}  # set by `pruned_state_dict` while it runs
+#: how many parents currently read a module's sparse weight directly (see `readers`)
+READ_BY_PARENT = "_dst_prune_read_by_parent"
+
+
+class DSTHook:
+    """Marker base of every hook dst_prune registers besides `DSTMask` (removed by `make_permanent`)."""
 
 
 class DSTMask(prune.BasePruningMethod):
@@ -62,7 +64,7 @@ class DSTMask(prune.BasePruningMethod):
 
     def apply_mask(self, module: nn.Module) -> torch.Tensor:
         orig = getattr(module, self._tensor_name + "_orig")
-        return orig * getattr(module, self._tensor_name + "_mask")
+        return torch.where(getattr(module, self._tensor_name + "_mask"), orig, 0)
 
     def __call__(self, module: nn.Module, inputs: object) -> None:
         """Recompute `weight = weight_orig * weight_mask` (and capture its dense gradient when armed)."""
@@ -80,7 +82,7 @@ class DSTMask(prune.BasePruningMethod):
         name = self._tensor_name
         orig = module._parameters[name + "_orig"]
         with torch.no_grad():
-            orig.mul_(module._buffers[name + "_mask"])
+            zero_outside(orig, module._buffers[name + "_mask"])
         if name in module.__dict__:
             delattr(module, name)
         del module._parameters[name + "_orig"]
@@ -88,115 +90,102 @@ class DSTMask(prune.BasePruningMethod):
         setattr(module, name, orig)  # setattr keeps nn.RNNBase._flat_weights in sync
 
 
-def _masked_names(module: nn.Module) -> list[str]:
+def masked_names(module: nn.Module) -> list[str]:
+    """The names of `module`'s own tensors that dst_prune masks (`weight`, `weight_ih_l0`, ...)."""
     return [h._tensor_name for h in module._forward_pre_hooks.values() if isinstance(h, DSTMask)]
 
 
-class DetachMaskedWeights:
+def _mask_hook(module: nn.Module, name: str) -> DSTMask:
+    return next(h for h in module._forward_pre_hooks.values() if isinstance(h, DSTMask) and h._tensor_name == name)
+
+
+class DetachMaskedWeights(DSTHook):
     """Forward hook: swap each recomputed weight for its `.detach()` (the graph already holds it)."""
 
     def __call__(self, module: nn.Module, args: object, output: object) -> None:
-        if module.__dict__.get(_READ_BY_PARENT, 0):
+        if module.__dict__.get(READ_BY_PARENT, 0):
             return  # the parent still reads this weight; it detaches it after its own forward
-        for name in _masked_names(module):
+        for name in masked_names(module):
             weight = module.__dict__.get(name)
             if weight is not None and weight.requires_grad:  # (not grad_fn: torch.compile cannot trace it)
                 setattr(module, name, weight.detach())
 
 
-class ComputeChildWeights:
-    """Forward pre-hook of a parent that reads its children's sparse weights without calling them."""
+class PlainStateDict(DSTHook):
+    """State-dict hook: `<name>_orig` saved as `<name>` (masked, zeros in place), `<name>_mask` left out.
 
-    def __init__(self, entries: list[tuple[str, str]]) -> None:
-        self.entries = entries  # (child path relative to the parent, tensor name); strings only
-
-    def __call__(self, parent: nn.Module, args: object) -> None:
-        for path, name in self.entries:
-            child = parent.get_submodule(path)
-            for hook in child._forward_pre_hooks.values():
-                if isinstance(hook, DSTMask) and hook._tensor_name == name:
-                    hook(child, ())
-                    child.__dict__[_READ_BY_PARENT] = child.__dict__.get(_READ_BY_PARENT, 0) + 1
-
-
-class ReleaseChildWeights(ComputeChildWeights):
-    """Forward hook of such a parent: detach the children's weights once the parent is done."""
-
-    def __call__(self, parent: nn.Module, args: object, output: object = None) -> None:
-        for path, name in self.entries:
-            child = parent.get_submodule(path)
-            count = child.__dict__.get(_READ_BY_PARENT, 0)
-            if count:
-                child.__dict__[_READ_BY_PARENT] = count - 1
-            weight = child.__dict__.get(name)
-            if name in _masked_names(child) and weight is not None and weight.requires_grad:
-                setattr(child, name, weight.detach())
-
-
-def unwrap_optimizer(optimizer: object) -> torch.optim.Optimizer | None:
-    """The `torch.optim.Optimizer` inside wrappers such as accelerate's `AcceleratedOptimizer`."""
-    seen = 0
-    while optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer) and seen < 8:
-        optimizer = getattr(optimizer, "optimizer", None)
-        seen += 1
-    return optimizer
-
-
-def require_optimizer(optimizer: object) -> torch.optim.Optimizer | None:
-    """The `torch.optim.Optimizer` in `optimizer` (None for None); DSTError for anything else."""
-    inner = unwrap_optimizer(optimizer)
-    if optimizer is not None and inner is None:
-        raise DSTError(f"optimizer must be a torch.optim.Optimizer (or a wrapper of one, such as accelerate's); "
-                       f"received {type(optimizer).__name__}.")
-    return inner
-
-
-def optimizer_state_like(optimizer: torch.optim.Optimizer | None, param: torch.Tensor) -> list[torch.Tensor]:
-    """Every state tensor the optimizer keeps for `param` with `param`'s shape (momenta, moments, ...)."""
-    if optimizer is None:
-        return []
-    state = optimizer.state.get(param, {})
-    return [v for v in state.values() if isinstance(v, torch.Tensor) and v.shape == param.shape]
-
-
-def fill_positions(tensor: torch.Tensor, indices: torch.Tensor, positions: torch.Tensor, value: object) -> None:
-    """Write `value` at `positions` (bool) of `tensor`, given also as flat row-major `indices`.
-
-    A contiguous tensor is written at just those indices (a few percent of the weights per update)
-    instead of a masked pass over all of it.
+    The keys come in the order of the untouched module's `state_dict`, so the two are interchangeable.
     """
-    if tensor.is_contiguous():
-        tensor.view(-1).index_fill_(0, indices.to(tensor.device), value)
-    else:
-        tensor.masked_fill_(positions.to(tensor.device), value)
+
+    def __init__(self, order: list[str]) -> None:
+        self.order = order  # the module's own parameter and buffer names before dst_prune, in order
+
+    def __call__(self, module: nn.Module, state: dict, prefix: str, local_metadata: dict) -> None:
+        if _PRUNE_KEYS["on"]:
+            return
+        names = masked_names(module)
+        with torch.no_grad():
+            for name in names:  # make weight_orig exactly the effective weight (no-op unless it changed)
+                masked_weight(module, name, _mask_hook(module, name)._written)
+        segment = [k for k in state if k.startswith(prefix)]  # this module's own entries, then its children's
+        values = {k: state.pop(k) for k in segment}
+        own = [k[len(prefix):] for k in segment if "." not in k[len(prefix):]]
+        for name in self.order + [n for n in own if n not in self.order]:
+            if name.endswith(("_orig", "_mask")) and name[:-5] in names:
+                continue
+            source = prefix + name + ("_orig" if name in names else "")
+            if source in values:
+                state[prefix + name] = values[source]
+        for key in segment:
+            if "." in key[len(prefix):]:
+                state[key] = values[key]
 
 
-def zero_positions(target: SparseTarget, indices: torch.Tensor, positions: torch.Tensor,
-                   optimizer: torch.optim.Optimizer | None) -> None:
-    """Zero the weight, its gradient and its optimizer state at `positions` (flat `indices` and bool)."""
-    orig = target.orig
-    with torch.no_grad():
-        for tensor in (orig, orig.grad, *optimizer_state_like(optimizer, orig)):
-            if tensor is not None:
-                fill_positions(tensor, indices, positions, 0)
+class LoadEitherForm(DSTHook):
+    """Load pre-hook: accept a plain `<name>` (the masks stay) or torch prune's `<name>_orig` + `<name>_mask`."""
+
+    def __call__(self, module: nn.Module, state: dict, prefix: str, local_metadata: dict, strict: bool,
+                 missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
+        for name in masked_names(module):
+            plain, orig, mask = prefix + name, prefix + name + "_orig", prefix + name + "_mask"
+            if plain in state and orig not in state:
+                state[orig] = state.pop(plain)
+            if mask not in state and orig in state:
+                state[mask] = module._buffers[name + "_mask"]  # a plain state dict: keep this model's mask
+
+
+@contextlib.contextmanager
+def _prune_keys() -> Iterator[None]:
+    previous, _PRUNE_KEYS["on"] = _PRUNE_KEYS["on"], True
+    try:
+        yield
+    finally:
+        _PRUNE_KEYS["on"] = previous
+
+
+def pruned_state_dict(model: nn.Module, **kwargs: object) -> dict[str, torch.Tensor]:
+    """`model.state_dict(**kwargs)` in torch prune's form: `<name>_orig` and bool `<name>_mask` for sparse tensors.
+
+    For code that expects `torch.nn.utils.prune`'s keys. `model.state_dict()` itself is plain (loads into
+    an untouched model); a sparse model loads either form.
+    """
+    with _prune_keys():
+        return model.state_dict(**kwargs)
 
 
 def attach(model: nn.Module, spec: TargetSpec, mask: torch.Tensor, grouping: Grouping | None = None) -> SparseTarget:
     """Attach the prune method to one parameter with `mask` (bool); the weights are left as they are."""
     module = model.get_submodule(spec.module_name)
+    if not any(isinstance(h, PlainStateDict) for h in module._state_dict_hooks.values()):
+        order = [n for n, v in (*module._parameters.items(), *module._buffers.items()) if v is not None
+                 and n not in getattr(module, "_non_persistent_buffers_set", ())]
+        module._register_state_dict_hook(PlainStateDict(order))
+        module._register_load_state_dict_pre_hook(LoadEitherForm(), with_module=True)
     with torch.no_grad():
         DSTMask.apply(module, spec.tensor_name, mask=mask)
     if not any(isinstance(h, DetachMaskedWeights) for h in module._forward_hooks.values()):
         module.register_forward_hook(DetachMaskedWeights())
     return SparseTarget(spec, module, grouping)
-
-
-def attach_readers(model: nn.Module, readers: dict[str, list[tuple[str, str]]]) -> None:
-    """Register the parent hooks found by `direct_readers`."""
-    for parent_name, entries in readers.items():
-        parent = model.get_submodule(parent_name)
-        parent.register_forward_pre_hook(ComputeChildWeights(entries))
-        parent.register_forward_hook(ReleaseChildWeights(entries))
 
 
 def mask_hooks(model: nn.Module) -> Iterator[tuple[nn.Module, DSTMask]]:
@@ -218,66 +207,9 @@ def make_permanent(model: nn.Module) -> int:
         prune.remove(module, hook._tensor_name)
         removed += 1
     for module in model.modules():
-        for hooks in (module._forward_pre_hooks, module._forward_hooks):
-            for key in [k for k, h in hooks.items() if isinstance(h, (DetachMaskedWeights, ComputeChildWeights))]:
+        for hooks in (module._forward_pre_hooks, module._forward_hooks, module._state_dict_hooks,
+                      module._load_state_dict_pre_hooks):
+            for key in [k for k, h in hooks.items() if isinstance(getattr(h, "hook", h), DSTHook)]:
                 del hooks[key]
-        module.__dict__.pop(_READ_BY_PARENT, None)
+        module.__dict__.pop(READ_BY_PARENT, None)
     return removed
-
-
-def _method_source(cls: type, name: str) -> str:
-    for klass in cls.__mro__:
-        if klass in (nn.Module, object):
-            return ""
-        fn = vars(klass).get(name)
-        if inspect.isfunction(fn):
-            try:
-                return inspect.getsource(fn)
-            except (OSError, TypeError):
-                return ""
-    return ""
-
-
-@functools.cache
-def _attribute_chains(cls: type) -> frozenset[str]:
-    """Dotted attribute chains `self.a.b.c` read by `cls.forward` and the methods of `cls` it calls."""
-    chains: set[str] = set()
-    pending, seen = ["forward"], set()
-    while pending:
-        name = pending.pop()
-        if name in seen:
-            continue
-        seen.add(name)
-        source = _method_source(cls, name)
-        for match in re.finditer(r"\bself((?:\.[A-Za-z_]\w*)+)(\s*\()?", source):
-            chain, called = match.group(1)[1:], match.group(2)
-            if called and "." not in chain:
-                pending.append(chain)  # a method of the class: follow it
-            else:
-                chains.add(chain)
-    return frozenset(chains)
-
-
-def direct_readers(model: nn.Module, targets: list[TargetSpec]) -> dict[str, list[tuple[str, str]]]:
-    """Find the modules whose code reads a descendant's sparse weight instead of calling the descendant.
-
-    Returns:
-        `{parent module name: [(child path relative to the parent, tensor name), ...]}`.
-    """
-    by_module: dict[str, set[str]] = {}
-    for t in targets:
-        by_module.setdefault(t.module_name, set()).add(t.tensor_name)
-    readers: dict[str, list[tuple[str, str]]] = {}
-    for parent_name, parent in model.named_modules():
-        prefix = parent_name + "." if parent_name else ""
-        found: set[tuple[str, str]] = set()
-        for chain in _attribute_chains(type(parent)):
-            parts = chain.split(".")
-            for cut in range(1, len(parts)):
-                path, name = ".".join(parts[:cut]), parts[cut]
-                following = parts[cut + 1] if cut + 1 < len(parts) else None
-                if name in by_module.get(prefix + path, ()) and following not in _METADATA:
-                    found.add((path, name))
-        if found:
-            readers[parent_name] = sorted(found)
-    return readers

@@ -24,7 +24,7 @@ class SparseTarget:
         self.name, self.module_name, self.tensor_name = spec.name, spec.module_name, spec.tensor_name
         self.module = module
         self.numel = module._parameters[spec.tensor_name + "_orig"].numel() if self.attached else 0
-        self.grouping = grouping or Grouping("element", self.orig.shape)
+        self.grouping = grouping or Grouping(self.orig.shape, spec.layout)
 
     @property
     def attached(self) -> bool:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -11,40 +11,39 @@ from torch import nn
 from . import stats
 from .algorithms.base import SparseAlgorithm
 from .bits import count_bits, pack_bits
+from .context import SparsityContext, Transaction
+from .controller_state import ControllerState, MaskCountCheck
+from .copies import ModelCopies
 from .distributed import broadcast_masks, check_sync, ignore_masks_in_ddp
 from .errors import DSTError
-from .gradients import DenseGradient, arm, disarm
-from .masking import require_optimizer
+from .gradients import arm, disarm
+from .masked_weight import zero_outside
+from .optimizer_state import optimizer_state_like, require_optimizer, unwrap_optimizer
 from .schedules import UpdateSchedule
 from .sparse_target import SparseTarget
+from .validation import check_int
 
 __all__ = ["DynamicSparsity"]
 
 logger = logging.getLogger(__name__)
 
-STATE_FORMAT = "dst_prune.DynamicSparsity/2"
 
-
-class DynamicSparsity(stats.SparsityReports):
+class DynamicSparsity(ControllerState, ModelCopies, stats.SparsityReports):
     """Keeps a model's number of active weights fixed while an algorithm moves them around.
 
     Created by `dst_prune.apply`. Call `step()` after every `optimizer.step()`; it reallocates when the
-    schedule says so. Masks live on the model (`<name>_mask` buffers), so the model's own `state_dict`
-    carries them; this object's `state_dict` carries the rest (step, update index, threshold, ...).
+    schedule says so. The model's own `state_dict` is plain (zeros in place, no masks); this object's
+    `state_dict` carries the masks and everything else an exact resume needs.
+
+    Every update is a transaction: it checks the mask count first, records each change, and if anything
+    fails (or is interrupted) halfway, it puts masks, weights, gradients, optimizer state and its own
+    counters back exactly as they were before raising.
 
     Attributes:
         model: the model it controls.
         targets: the sparse parameters, in registration order.
         algorithm: the `SparseAlgorithm` doing the reallocation (`method=`).
-        schedule: when to reallocate.
-        optimizer: whose state is zeroed at pruned and regrown positions; may be set later.
-        seed: the seed of every random draw.
-        target_sparsity: the sparsity `apply` was asked for (gradual methods reach it at their stop step).
-        distribution: how the budget is split across layers.
-        total_steps: the length of training in optimizer steps, if given.
-        step_count: optimizer steps counted by `step()`.
-        update_index: reallocations done so far.
-        budget: the number of active weights, kept exactly (gradual methods lower it on their schedule).
+        context: what the algorithm sees (`SparsityContext`): budget, step, seed, schedule, ...
         ever_active: per tensor, the positions that were ever active (in-time over-parameterization),
             bit-packed (`bits.pack_bits`: 1 bit per weight).
         history: one record per reallocation: step, per-layer active/pruned/grown counts, churn (the
@@ -59,29 +58,21 @@ class DynamicSparsity(stats.SparsityReports):
         self.model = model
         self.targets = targets
         self.algorithm = algorithm
-        self.schedule = schedule
-        self.seed = seed
-        self.budget = budget
-        self.target_sparsity = target_sparsity
-        self.distribution = distribution
-        self.total_steps = total_steps
+        self.context = SparsityContext(targets, seed=seed, schedule=schedule, target_sparsity=target_sparsity,
+                                       distribution=distribution, total_steps=total_steps, budget=budget)
         self.config = dict(config or {})
-        self.step_count = 0
-        self.update_index = 0
         self.history: list[dict] = []
         self.ever_active = [pack_bits(t.mask) for t in targets]
-        self.dense_gradient_sinks = [DenseGradient() for _ in targets]
-        self._optimizer = None
+        self._copies: list = []  # weak references to copies of the model (`add_copy`)
         self.optimizer = optimizer
-        self._changes = self._no_changes()
-        self._dirty: set[int] = set()
-        algorithm.bind(self)
+        algorithm.bind(self.context)
+        model._register_load_state_dict_pre_hook(MaskCountCheck(self), with_module=True)
         self._arm_dense_gradients(1)
 
-    # --- configuration -------------------------------------------------------------------------
+    # --- configuration (most of it lives in the context the algorithm sees) -----------------------
     @property
     def optimizer(self) -> object:
-        return self._optimizer
+        return self.context.optimizer
 
     @optimizer.setter
     def optimizer(self, optimizer: object) -> None:
@@ -92,16 +83,20 @@ class DynamicSparsity(stats.SparsityReports):
             if missing:
                 logger.warning("the optimizer does not hold %d sparse parameters (e.g. %s); their state "
                                "cannot be reset when they are pruned", len(missing), missing[0])
-        self._optimizer = optimizer
+        self.context.optimizer = optimizer
 
-    @property
-    def method(self) -> str:
-        return self.algorithm.name
-
-    @property
-    def decay_end(self) -> int | None:
-        """The step at which decaying drop fractions reach zero: the stop step, else `total_steps`."""
-        return self.schedule.stop_step if self.schedule.stop_step is not None else self.total_steps
+    method = property(lambda self: self.algorithm.name, doc="The method's registered name.")
+    budget = property(lambda self: self.context.budget, doc="The exact number of active groups (weights).")
+    step_count = property(lambda self: self.context.step, doc="Optimizer steps counted by `step()`.")
+    update_index = property(lambda self: self.context.update_index, doc="Reallocations done so far.")
+    seed = property(lambda self: self.context.seed, doc="The seed of every random draw.")
+    schedule = property(lambda self: self.context.schedule, doc="When reallocations happen.")
+    target_sparsity = property(lambda self: self.context.target_sparsity, doc="The sparsity apply was asked for.")
+    distribution = property(lambda self: self.context.distribution, doc="How the budget is split across layers.")
+    total_steps = property(lambda self: self.context.total_steps, doc="The length of training, if given.")
+    decay_end = property(lambda self: self.context.decay_end, doc="Where decaying drop fractions reach zero.")
+    n_groups = property(lambda self: self.context.n_groups, doc="The number of groups the budget counts.")
+    dense_gradient_sinks = property(lambda self: self.context.sinks, doc="The captured dense gradients.")
 
     @property
     def n_sparse(self) -> int:
@@ -109,14 +104,34 @@ class DynamicSparsity(stats.SparsityReports):
         return sum(t.numel for t in self.targets)
 
     @property
-    def n_groups(self) -> int:
-        """The number of groups the budget counts (the number of sparse parameters for `element`)."""
-        return sum(t.n_groups for t in self.targets)
-
-    @property
     def sparsity(self) -> float:
         """The measured global sparsity: the fraction of inactive weights among the sparse parameters."""
         return 1.0 - sum(t.active() for t in self.targets) / self.n_sparse
+
+    def set_total_steps(self, total_steps: int) -> None:
+        """Give the length of training once it is known (a trainer computes it when training starts).
+
+        The stop step follows from it as in `apply` (`stop_fraction`, or the method's default), unless
+        `apply` was given an explicit `stop_step`.
+
+        Raises:
+            DSTError: not a positive integer, a schedule the method cannot run, or training already started
+                with another length.
+        """
+        total_steps = check_int(total_steps, "total_steps", minimum=1, what="a number of optimizer steps")
+        context = self.context
+        if context.step and total_steps != context.total_steps:
+            raise DSTError(f"total_steps={total_steps}, but training already ran {context.step} steps with "
+                           f"total_steps={context.total_steps}; set it before the first step.")
+        stop = self.config.get("stop_step")
+        fraction = self.config.get("stop_fraction") or self.algorithm.default_stop_fraction
+        if stop is None and fraction is not None:
+            stop = max(1, round(fraction * total_steps))
+        schedule = UpdateSchedule(update_every=context.schedule.update_every, stop_step=stop,
+                                  double_at=context.schedule.double_at)
+        self.algorithm.check_schedule(schedule)
+        context.schedule, context.total_steps = schedule, total_steps
+        self._arm_dense_gradients(context.step + 1)
 
     # --- training-loop API ---------------------------------------------------------------------
     def step(self, skipped: bool = False) -> bool:
@@ -127,15 +142,22 @@ class DynamicSparsity(stats.SparsityReports):
                 the dense gradient captured for it is discarded.
         """
         if skipped:
-            for sink in self.dense_gradient_sinks:
+            for sink in self.context.sinks:
                 sink.take()
             return False
-        self.step_count += 1
-        self.algorithm.after_optimizer_step(self.step_count)
-        updated = self.algorithm.is_update_step(self.step_count)
+        step = self.context.step + 1
+        updated = self.algorithm.is_update_step(step)
         if updated:
-            self.reparameterize()
-        self._arm_dense_gradients(self.step_count + 1)
+            self._ensure_ready()  # validate before anything changes
+        self.context.step = step
+        try:
+            self.algorithm.after_optimizer_step(step)
+            if updated:
+                self._transaction(self.algorithm.reparameterize, begins=True, ends=True)
+        except BaseException:
+            self.context.step = step - 1
+            raise
+        self._arm_dense_gradients(step + 1)
         return updated
 
     def capture_dense_gradients(self, enable: bool = True) -> None:
@@ -144,7 +166,7 @@ class DynamicSparsity(stats.SparsityReports):
         Needed only to call `reparameterize()` by hand for a method that grows by gradient (RigL, GraNet).
         """
         if enable:
-            arm(self.targets, self.dense_gradient_sinks)
+            arm(self.targets, self.context.sinks)
         else:
             disarm(self.targets)
 
@@ -152,39 +174,91 @@ class DynamicSparsity(stats.SparsityReports):
         needed = self.algorithm.needs_dense_gradient(step)
         self.capture_dense_gradients(needed)
         if not needed:
-            for sink in self.dense_gradient_sinks:
+            for sink in self.context.sinks:
                 sink.take()
 
     def reparameterize(self) -> None:
         """One reallocation now (for DSR: prune by threshold, adjust it, reallocate)."""
-        self._ensure_attached()
-        self.algorithm.reparameterize()
-        self._refresh_changed()
-        self._finish_update()
+        self._ensure_ready()
+        self._transaction(self.algorithm.reparameterize, begins=True, ends=True)
 
     def prune_by_threshold(self) -> int:
         """DSR step 1: prune the active weights below the global threshold. Returns how many."""
-        return self._dsr_step("prune_by_threshold")
+        self._ensure_ready()
+        return self._transaction(self._stepwise("prune_by_threshold"), begins=True, ends=False)
 
     def adjust_pruning_threshold(self) -> float:
         """DSR step 2: double or halve the threshold. Returns the new threshold."""
-        return self._dsr_step("adjust_pruning_threshold")
+        return self._transaction(self._stepwise("adjust_pruning_threshold"), begins=False, ends=False)
 
     def reallocate_free_parameters(self) -> int:
         """DSR step 3: regrow the freed budget in proportion to the survivors. Returns how many."""
-        grown = self._dsr_step("reallocate_free_parameters")
-        self._finish_update()
-        return grown
+        return self._transaction(self._stepwise("reallocate_free_parameters"), begins=False, ends=True)
 
-    def _dsr_step(self, name: str) -> object:
-        if self.method != "dsr":
+    def _stepwise(self, name: str) -> Callable[[], object]:
+        step = getattr(self.algorithm, name, None)
+        if step is None:
             raise DSTError(f"{name}() is a step of method='dsr'; this controller runs method={self.method!r}. "
                            f"Call reparameterize() instead.")
-        self._ensure_attached()
-        result = getattr(self.algorithm, name)()
-        self._refresh_changed()
-        return result
+        return step
 
+    def _transaction(self, update: Callable[[], object], *, begins: bool, ends: bool) -> object:
+        """Run (part of) an update; on any exception undo every change it made, then re-raise."""
+        context = self.context
+        saved = (context.budget, self.algorithm.snapshot(), len(self.history))
+        transaction = context.transaction = Transaction()
+        try:
+            if begins:
+                context.budget = self.algorithm.next_budget()
+            result = update()
+            context.refresh_changed()
+            if ends:
+                self._finish_update()
+            return result
+        except BaseException:
+            transaction.undo()
+            context.budget, snapshot, length = saved
+            self.algorithm.restore(snapshot)
+            del self.history[length:]
+            context.take_changes()
+            context.dirty.clear()
+            raise
+        finally:
+            context.transaction = None
+
+    def _ensure_ready(self) -> None:
+        """Refuse an update the masks cannot take: removed masks, or a count other than the budget."""
+        self.algorithm.check_ready()
+        detached = [t.name for t in self.targets if not t.attached]
+        if detached:
+            raise DSTError(f"the masks of {detached[0]} (and {len(detached) - 1} more) were removed, e.g. by "
+                           f"dst_prune.remove(model); this controller no longer applies. Call dst_prune.apply "
+                           f"again to train sparse.")
+        active = sum(t.active_groups() for t in self.targets)
+        if active != self.context.budget:
+            raise DSTError(f"the model's masks hold {active} active weights (groups) but this controller keeps "
+                           f"exactly {self.context.budget}: masks were loaded or written without the controller "
+                           f"state that goes with them. Load the matching dst.load_state_dict(...) first.")
+
+    def _finish_update(self) -> None:
+        context = self.context
+        active = [t.active_groups() for t in self.targets]
+        if sum(active) != context.budget:
+            raise RuntimeError(f"dst_prune bug: {sum(active)} active weights after update {context.update_index} "
+                               f"of {self.method}, expected exactly {context.budget}")
+        pruned, grown = context.take_changes()
+        for ever, target in zip(self.ever_active, self.targets):
+            ever.bitwise_or_(pack_bits(target.mask))
+        ever_active = sum(count_bits(e) for e in self.ever_active)
+        self.history.append({"step": context.step, "update": context.update_index, "active": active,
+                             "pruned": pruned, "grown": grown, "churn": sum(grown) / max(1, context.budget),
+                             "itop": ever_active / self.n_sparse, **self.algorithm.metrics()})
+        logger.debug("update %d at step %d: %d pruned, %d grown", context.update_index, context.step, sum(pruned),
+                     sum(grown))
+        context.update_index += 1
+        self.sync_copies()
+
+    # --- distributed ---------------------------------------------------------------------------
     def prepare_for_ddp(self) -> None:
         """Call on every rank before wrapping the model in DDP (or `accelerator.prepare`).
 
@@ -195,14 +269,25 @@ class DynamicSparsity(stats.SparsityReports):
         broadcast_masks(self.targets)
         for target, ever in zip(self.targets, self.ever_active):
             with torch.no_grad():
-                target.orig.masked_fill_(~target.mask, 0)
+                zero_outside(target.orig, target.mask)
             target.refresh()
             ever.copy_(pack_bits(target.mask))
         ignore_masks_in_ddp(self.model, self.targets)
+        self.sync_copies()
 
     def check_sync(self) -> bool:
         """Whether all ranks hold identical masks; raises RuntimeError if not. True outside DDP."""
         return check_sync(self.targets)
+
+    def _reset_outside_masks(self) -> None:
+        """Zero weights, gradients and optimizer state outside the masks (after masks were replaced)."""
+        optimizer = unwrap_optimizer(self.optimizer)
+        with torch.no_grad():
+            for target in self.targets:
+                for tensor in (target.orig, target.orig.grad, *optimizer_state_like(optimizer, target.orig)):
+                    if tensor is not None:
+                        zero_outside(tensor, target.mask)
+                target.refresh()
 
     # --- inspection (the tables and history are in stats.SparsityReports) ----------------------
     def named_sparse_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
@@ -222,87 +307,3 @@ class DynamicSparsity(stats.SparsityReports):
     def __repr__(self) -> str:
         return (f"DynamicSparsity(method={self.method!r}, sparsity={self.sparsity:.4f}, "
                 f"tensors={len(self.targets)}, step={self.step_count}, updates={self.update_index})")
-
-    # --- state ---------------------------------------------------------------------------------
-    def state_dict(self) -> dict:
-        """Everything besides the model's own tensors that an exact resume needs.
-
-        Plain Python values, plus the `ever_active` masks and the algorithm's tensors (SNFS's momentum).
-        """
-        return {
-            "format": STATE_FORMAT, "method": self.method, "targets": [t.name for t in self.targets],
-            "sparsity": self.target_sparsity, "granularity": self.config.get("granularity", "element"),
-            "budget": self.budget, "seed": self.seed,
-            "step_count": self.step_count, "update_index": self.update_index,
-            "schedule": self.schedule.state_dict(), "algorithm": self.algorithm.state_dict(),
-            "ever_active": [m.clone() for m in self.ever_active], "config": dict(self.config),
-            "history": list(self.history),
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        """Restore `state_dict()`; the model's state (weights, masks) is loaded separately."""
-        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-            raise DSTError(f"state is not a DynamicSparsity.state_dict() (format {STATE_FORMAT!r}).")
-        if state["method"] != self.method:
-            raise DSTError(f"state was saved by method={state['method']!r}; this controller runs "
-                           f"method={self.method!r}. Call dst_prune.apply with method={state['method']!r}.")
-        names = [t.name for t in self.targets]
-        if state["targets"] != names:
-            differ = sorted(set(state["targets"]) ^ set(names))[:5] or ["(same names, other order)"]
-            raise DSTError(f"state was saved for other sparse tensors (differ: {', '.join(differ)}). Apply "
-                           f"with the same include/exclude/dense_stem_and_head as the saved run.")
-        if state["sparsity"] != self.target_sparsity:
-            raise DSTError(f"state was saved by a run at sparsity={state['sparsity']}; this controller targets "
-                           f"sparsity={self.target_sparsity}. Apply with the saved run's sparsity.")
-        granularity = self.config.get("granularity", "element")
-        if state["granularity"] != granularity:
-            raise DSTError(f"state was saved by a run with granularity={state['granularity']!r}; this controller "
-                           f"has granularity={granularity!r}. Apply with the saved run's granularity.")
-        self.seed, self.step_count, self.update_index = state["seed"], state["step_count"], state["update_index"]
-        self.budget = state["budget"]
-        self.schedule = UpdateSchedule(**state["schedule"])
-        self.algorithm.load_state_dict(state["algorithm"])
-        for mine, saved in zip(self.ever_active, state["ever_active"]):
-            mine.copy_(saved)
-        self.history = list(state["history"])
-        self._arm_dense_gradients(self.step_count + 1)
-
-    # --- bookkeeping shared with the algorithms ------------------------------------------------
-    def _no_changes(self) -> dict[str, list[int]]:
-        return {"pruned": [0] * len(self.targets), "grown": [0] * len(self.targets)}
-
-    def record_change(self, layer: int, *, pruned: int = 0, grown: int = 0) -> None:
-        """Called by the algorithms for every prune/grow; summarised in `history` at the end of the update."""
-        self._changes["pruned"][layer] += pruned
-        self._changes["grown"][layer] += grown
-        if pruned or grown:
-            self._dirty.add(layer)
-
-    def _refresh_changed(self) -> None:
-        """Recompute the effective weights of the tensors whose masks changed (once per tensor per step)."""
-        for layer in sorted(self._dirty):
-            self.targets[layer].refresh()
-        self._dirty.clear()
-
-    def _finish_update(self) -> None:
-        active = [t.active_groups() for t in self.targets]
-        if sum(active) != self.budget:
-            raise RuntimeError(f"dst_prune bug: {sum(active)} active weights after update "
-                               f"{self.update_index} of {self.method}, expected exactly {self.budget}")
-        for ever, target in zip(self.ever_active, self.targets):
-            ever.bitwise_or_(pack_bits(target.mask))
-        ever_active = sum(count_bits(e) for e in self.ever_active)
-        self.history.append({"step": self.step_count, "update": self.update_index, "active": active,
-                             **self._changes, "churn": sum(self._changes["grown"]) / max(1, self.budget),
-                             "itop": ever_active / self.n_sparse, **self.algorithm.metrics()})
-        logger.debug("update %d at step %d: %d pruned, %d grown", self.update_index, self.step_count,
-                     sum(self._changes["pruned"]), sum(self._changes["grown"]))
-        self._changes = self._no_changes()
-        self.update_index += 1
-
-    def _ensure_attached(self) -> None:
-        detached = [t.name for t in self.targets if not t.attached]
-        if detached:
-            raise DSTError(f"the masks of {detached[0]} (and {len(detached) - 1} more) were removed, e.g. by "
-                           f"dst_prune.remove(model); this controller no longer applies. Call dst_prune.apply "
-                           f"again to train sparse.")

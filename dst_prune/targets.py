@@ -1,10 +1,10 @@
 """Which parameters of a model become sparse.
 
-By default the weights of `nn.Linear`, every convolution (`Conv1d/2d/3d`, grouped and depthwise
-ones, `ConvTranspose*`), the `weight_ih_l*/weight_hh_l*/weight_hr_l*` of `nn.LSTM/GRU/RNN` and their
-cells, and the input projections of `nn.MultiheadAttention` (its `out_proj` is an `nn.Linear`). Never
-biases, norm layers or embeddings unless named in `include`. The stem and the classifier head stay
-dense unless `dense_stem_and_head=False`.
+By default the weights of `nn.Linear` (and transformers' `Conv1D`, GPT-2's), every convolution
+(`Conv1d/2d/3d`, grouped and depthwise ones, `ConvTranspose*`), the `weight_ih_l*/weight_hh_l*/weight_hr_l*`
+of `nn.LSTM/GRU/RNN` and their cells, and the input projections of `nn.MultiheadAttention` (its
+`out_proj` is an `nn.Linear`). Never biases, norm layers or embeddings unless named in `include`. The
+stem and the classifier head stay dense unless `dense_stem_and_head=False`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from torch.nn.utils import parametrize, prune
 
 from .errors import DSTError
 
-__all__ = ["NameFilter", "TargetSpec", "find_targets", "stem_and_head"]
+__all__ = ["NameFilter", "TargetSpec", "default_tensor_names", "find_targets", "is_transformers_conv1d",
+           "stem_and_head", "weight_layout"]
 
 NameFilter = str | Sequence[str] | None
 
@@ -34,20 +35,34 @@ class TargetSpec:
         name: qualified parameter name, e.g. `layer1.0.conv1.weight`.
         module_name: qualified name of the module that owns it (`layer1.0.conv1`; `""` for the root).
         tensor_name: the attribute name on that module (`weight`, `weight_ih_l0`, `in_proj_weight`).
+        layout: `(output dim, input dim)` of the weight: `(0, 1)`, or `(1, 0)` for transformers' `Conv1D`.
     """
 
     name: str
     module_name: str
     tensor_name: str
+    layout: tuple[int, int] = (0, 1)
 
 
 def qualified(module_name: str, tensor_name: str) -> str:
     return f"{module_name}.{tensor_name}" if module_name else tensor_name
 
 
+def is_transformers_conv1d(module: nn.Module) -> bool:
+    """Whether `module` is transformers' `Conv1D` (GPT-2's layers): a linear layer storing its weight as input x
+    output. Recognised without importing transformers."""
+    cls = type(module)
+    return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers") and hasattr(module, "nf")
+
+
+def weight_layout(module: nn.Module, tensor_name: str) -> tuple[int, int]:
+    """`(output dim, input dim)` of `module.<tensor_name>`."""
+    return (1, 0) if tensor_name == "weight" and is_transformers_conv1d(module) else (0, 1)
+
+
 def default_tensor_names(module: nn.Module) -> list[str]:
     """The names of the weights of `module` that are sparse by default (its own, not its children's)."""
-    if isinstance(module, (nn.Linear, _ConvNd)):
+    if isinstance(module, (nn.Linear, _ConvNd)) or is_transformers_conv1d(module):
         return ["weight"]
     if isinstance(module, nn.RNNBase):
         return [n for n in module._flat_weights_names if n.startswith("weight_")]
@@ -201,7 +216,8 @@ def find_targets(model: nn.Module, *, include: NameFilter = None, exclude: NameF
     for module_name, module in model.named_modules():
         own = set(default_tensor_names(module))
         for tensor_name, state in _logical_parameters(module):
-            spec = TargetSpec(qualified(module_name, tensor_name), module_name, tensor_name)
+            spec = TargetSpec(qualified(module_name, tensor_name), module_name, tensor_name,
+                              weight_layout(module, tensor_name))
             all_names.append(spec.name)
             states[spec.name] = state
             if include_matchers or tensor_name in own:

@@ -10,7 +10,7 @@ from conftest import SmallCNN, assert_invariants, small_cnn_batch
 from torch import nn
 
 import dst_prune
-from dst_prune.groups import Grouping
+from dst_prune.groups import Grouping, make_grouping
 
 EXTRA = {"dsr": {"pruning_threshold": 0.05}, "rigl": {"total_steps": 40}, "snfs": {"total_steps": 40},
          "gmp": {"total_steps": 40}, "granet": {"total_steps": 40}}
@@ -64,13 +64,12 @@ def test_dsr_prunes_kernels_whose_mean_magnitude_is_below_the_threshold():
 
 @pytest.mark.parametrize("granularity", ["element", "kernel", "channel", "2:4"])
 def test_below_threshold_is_the_mean_magnitude_comparison(granularity):
-    kind, keep, block = dst_prune.groups.parse_granularity(granularity)
     torch.manual_seed(0)
     weight = torch.randn(8, 4, 3, 3) * 0.01
     weight[0, 0, 0, :] = torch.tensor([0.005, -0.005, 0.0])  # exactly at +-threshold, and zero
     weight[1, 1] = 0.0  # a whole zero kernel
     weight[2, 0, 0, 0] = 0.01
-    grouping = Grouping(kind, weight.shape, block, keep)
+    grouping = make_grouping(granularity, weight.shape)
     for dtype in (torch.float32, torch.bfloat16):
         # the last is just above bf16(0.01) = 0.010009765625 and rounds down to it in bf16
         for threshold in (0.005, 1e-3, 0.1, 0.010009765625 * (1 + 1e-4)):
@@ -162,7 +161,7 @@ def test_granularity_errors(kwargs, message):
 def test_load_sparse_state_dict_checks_the_groups():
     model = nn.Sequential(nn.Conv2d(2, 2, 3), nn.Conv2d(2, 2, 3))
     dst_prune.apply(model, sparsity=0.5, granularity="kernel", dense_stem_and_head=False)
-    state = model.state_dict()
+    state = dst_prune.pruned_state_dict(model)
     fresh = nn.Sequential(nn.Conv2d(2, 2, 3), nn.Conv2d(2, 2, 3))
     dst = dst_prune.load_sparse_state_dict(fresh, state, granularity="kernel")
     assert dst.budget == 4 and isinstance(dst.targets[0].grouping, Grouping)

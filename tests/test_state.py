@@ -129,10 +129,16 @@ def test_load_sparse_state_dict_needs_no_apply_arguments(tmp_path):
     model = timm.create_model("resnet18", pretrained=False, num_classes=10)
     dst = dst_prune.apply(model, sparsity=0.95, distribution="erk", exclude=["downsample.0.weight"], update_every=1)
     dst.reparameterize()
-    torch.save(model.state_dict(), tmp_path / "sparse.pt")
+    torch.save({"model": model.state_dict(), "dst": dst.state_dict()}, tmp_path / "sparse.pt")
+    torch.save(dst_prune.pruned_state_dict(model), tmp_path / "pruned.pt")  # torch prune's form
 
     fresh = timm.create_model("resnet18", pretrained=False, num_classes=10)
-    loaded = dst_prune.load_sparse_state_dict(fresh, torch.load(tmp_path / "sparse.pt", weights_only=True))
+    checkpoint = torch.load(tmp_path / "sparse.pt", weights_only=True)
+    loaded = dst_prune.load_sparse_state_dict(fresh, checkpoint["model"], masks=checkpoint["dst"])
+    old_form = timm.create_model("resnet18", pretrained=False, num_classes=10)
+    from_pairs = dst_prune.load_sparse_state_dict(old_form, torch.load(tmp_path / "pruned.pt", weights_only=True))
+    assert all(torch.equal(a, b) for a, b in zip(from_pairs.masks().values(), loaded.masks().values()))
+    assert same_tensors(old_form.state_dict(), model.state_dict())
     assert [t.name for t in loaded.targets] == [t.name for t in dst.targets]
     assert loaded.budget == dst.budget and loaded.sparsity == dst.sparsity
     assert same_tensors(fresh.state_dict(), model.state_dict())
@@ -145,12 +151,23 @@ def test_load_sparse_state_dict_needs_no_apply_arguments(tmp_path):
 def test_load_sparse_state_dict_refuses_what_does_not_fit():
     model = SmallCNN()
     before = snapshot(model)
-    with pytest.raises(dst_prune.DSTError, match="it is not a sparse checkpoint"):
+    with pytest.raises(dst_prune.DSTError, match="so it does not say which weights are masked: pass masks="):
         dst_prune.load_sparse_state_dict(model, SmallCNN().state_dict())
     other = timm.create_model("resnet18", pretrained=False)
-    dst_prune.apply(other, sparsity=0.5)
-    with pytest.raises(dst_prune.DSTError, match="state_dict does not fit the model: missing"):
-        dst_prune.load_sparse_state_dict(model, other.state_dict())
+    other_dst = dst_prune.apply(other, sparsity=0.5)
+    with pytest.raises(dst_prune.DSTError, match="the checkpoint has a mask for it, but the model has no such"):
+        dst_prune.load_sparse_state_dict(model, dst_prune.pruned_state_dict(other))
+    with pytest.raises(dst_prune.DSTError, match="which is not a parameter of the model"):
+        dst_prune.load_sparse_state_dict(model, other.state_dict(), masks=other_dst.state_dict())
+    sparse = SmallCNN()
+    sparse_dst = dst_prune.apply(sparse, sparsity=0.5)
+    state = sparse.state_dict()
+    state["fc1.weight"] = torch.zeros(3, 3)  # a wrong shape: refused before anything is attached or loaded
+    with pytest.raises(dst_prune.DSTError, match=r"fc1.weight: the tensor in state_dict has shape \(3, 3\)"):
+        dst_prune.load_sparse_state_dict(model, state, masks=sparse_dst.state_dict())
+    del state["fc1.weight"]
+    with pytest.raises(dst_prune.DSTError, match=r"state_dict does not fit the model: missing \['fc1.weight'\]"):
+        dst_prune.load_sparse_state_dict(model, state, masks=sparse_dst.state_dict())
     assert_unchanged(model, before)
 
 

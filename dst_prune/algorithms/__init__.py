@@ -1,29 +1,22 @@
-"""The DST algorithms, one per file, selected with `dst_prune.apply(..., method=name)`."""
+"""The DST algorithms, one per file, selected with `dst_prune.apply(..., method=name)`.
+
+Each built-in registers itself with `register_method` when its module is imported, in the order below (the
+order `list_methods` gives).
+"""
+# isort: skip_file
 
 from __future__ import annotations
 
-from ..errors import DSTError
 from .base import SparseAlgorithm
+from .drop_and_grow import DropAndGrow
+from .registry import create_algorithm, list_methods, register_method
+from .static import Static
+from .set import SET
 from .dsr import DSR
+from .rigl import RigL
+from .snfs import SNFS
 from .gmp import GMP
 from .granet import GraNet
-from .rigl import RigL
-from .set import SET
-from .snfs import SNFS
-from .static import Static
 
-__all__ = ["METHODS", "SparseAlgorithm", "create_algorithm", "list_methods"]
-
-METHODS: dict[str, type[SparseAlgorithm]] = {cls.name: cls for cls in (Static, SET, DSR, RigL, SNFS, GMP, GraNet)}
-
-
-def list_methods() -> list[str]:
-    """The names accepted by `method=`."""
-    return list(METHODS)
-
-
-def create_algorithm(method: object, hyperparameters: dict) -> SparseAlgorithm:
-    """Build the algorithm named `method` with its hyperparameters, validating both."""
-    if not isinstance(method, str) or method not in METHODS:
-        raise DSTError(f"method={method!r} is unknown; valid choices: {', '.join(list_methods())}.")
-    return METHODS[method].create(**hyperparameters)
+__all__ = ["DSR", "GMP", "SET", "SNFS", "DropAndGrow", "GraNet", "RigL", "SparseAlgorithm", "Static",
+           "create_algorithm", "list_methods", "register_method"]

@@ -1,55 +1,36 @@
-"""The bookkeeping every DST algorithm shares; an algorithm only decides what it ranks by.
+"""`SparseAlgorithm`: the base of every DST method; a method decides what to rank by, the base does the rest.
 
-`prune` and `grow` write the bool masks in place and keep the invariants of DESIGN.md: pruned
-weights are zeroed in `weight_orig`, regrown ones start at zero, the gradient and every optimizer
-state tensor of the parameter's shape are zeroed at both, and the effective `weight` is recomputed.
-`exchange` is the drop-and-grow step of SET, RigL, SNFS and GraNet: per layer, drop the active weights
-with the lowest magnitude and grow the inactive ones with the highest score. Random choices come from
-`generator(layer)`, seeded from `(seed, update index, layer)` only, so every rank of a distributed run
-and every resumed run draws the same masks.
+An algorithm is bound to a `SparsityContext` (the sparse tensors, budget, step, seed, optimizer), not
+to the controller. It writes masks only through `prune`, `grow` and `set_indices`, which keep the
+invariants of DESIGN.md (zeroed weights, gradients and optimizer state at pruned and regrown positions)
+and record every change for the undo log of the update. Random choices come from `generator(layer)`,
+seeded from `(seed, update index, layer)` only, so every rank of a distributed run and every resumed run
+draws the same masks.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 import torch
 
-from ..distributed import all_reduce_mean
-from ..distributions import apportion
+from ..context import SparsityContext
 from ..errors import DSTError
-from ..groups import top_k_per_block
-from ..masking import fill_positions, unwrap_optimizer, zero_positions
-from ..schedules import DECAYS, UpdateSchedule
-from ..selection import GROWTH_STREAM, derive_seed, index_mask, random_indices, top_k_indices
+from ..schedules import UpdateSchedule
+from ..scores import finite_scores
+from ..selection import top_k_indices
 from ..sparse_target import SparseTarget
 
-if TYPE_CHECKING:
-    from ..sparsity import DynamicSparsity
-
-__all__ = ["SparseAlgorithm", "check_decay", "check_fraction"]
-
-def check_fraction(value: object, argument: str, low: float = 0.0, high: float = 1.0) -> float:
-    """`value` as a float in [low, high); DSTError naming `argument` otherwise."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value < high:
-        raise DSTError(f"{argument} must be a number in [{low:g}, {high:g}); received {value!r}.")
-    return float(value)
-
-
-def check_decay(value: object) -> str:
-    if value not in DECAYS:
-        raise DSTError(f"decay={value!r} is unknown; valid choices: {', '.join(DECAYS)}.")
-    return value
+__all__ = ["SparseAlgorithm"]
 
 
 class SparseAlgorithm:
     """Base class of the DST algorithms (`method=` of `dst_prune.apply`).
 
-    A subclass sets `name`, takes its hyperparameters as keyword arguments of `__init__` (validated
-    there, before the model is touched) and implements `reparameterize`; it may override the schedule
-    hooks below.
+    A subclass takes its hyperparameters as keyword arguments of `__init__` (validated there, before the
+    model is touched), implements `reparameterize`, and may override the schedule hooks below. Register
+    it with `dst_prune.register_method(name)` to make it available by name.
     """
 
     name: ClassVar[str] = ""
@@ -61,11 +42,11 @@ class SparseAlgorithm:
     needs_total_steps: ClassVar[bool] = False
 
     def __init__(self) -> None:
-        self.controller: DynamicSparsity | None = None
+        self.context: SparsityContext | None = None
 
     @classmethod
     def hyperparameters(cls) -> list[str]:
-        return [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+        return [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "args", "kwargs")]
 
     @classmethod
     def create(cls, **hyperparameters: object) -> SparseAlgorithm:
@@ -73,16 +54,17 @@ class SparseAlgorithm:
         unknown = sorted(set(hyperparameters) - set(cls.hyperparameters()))
         if unknown:
             valid = ", ".join(cls.hyperparameters()) or "none"
-            raise DSTError(f"method={cls.name!r} has no hyperparameter {', '.join(map(repr, unknown))}; "
-                           f"valid ones: {valid}.")
+            raise DSTError(f"method={cls.name or cls.__name__!r} has no hyperparameter "
+                           f"{', '.join(map(repr, unknown))}; valid ones: {valid}.")
         return cls(**hyperparameters)
 
-    def bind(self, controller: DynamicSparsity) -> None:
-        self.controller = controller
+    def bind(self, context: SparsityContext) -> None:
+        """Attach to the sparse model's context (once, by `apply`)."""
+        self.context = context
 
     # --- what a subclass implements or overrides -----------------------------------------------
     def reparameterize(self) -> None:
-        """One reallocation. Must leave exactly `controller.budget` weights active."""
+        """One reallocation. Must leave exactly `context.budget` groups active."""
         raise NotImplementedError
 
     def check_schedule(self, schedule: UpdateSchedule) -> None:
@@ -92,9 +74,16 @@ class SparseAlgorithm:
         """The sparsity `apply` starts from (the target, except for gradual methods)."""
         return final
 
+    def next_budget(self) -> int:
+        """The exact number of active groups after the coming update (constant, except for gradual methods)."""
+        return self.context.budget
+
+    def check_ready(self) -> None:
+        """Raise a `DSTError` if an update cannot start now (e.g. DSR between its steps)."""
+
     def is_update_step(self, step: int) -> bool:
         """Whether a reallocation follows optimizer step `step` (1-based)."""
-        return self.controller.schedule.is_update_step(step)
+        return self.context.schedule.is_update_step(step)
 
     def needs_dense_gradient(self, step: int) -> bool:
         """Whether the dense gradient of step `step` must be captured (DESIGN.md rule 6)."""
@@ -111,131 +100,64 @@ class SparseAlgorithm:
         """What an exact resume needs beyond the step (schedules are pure functions of the step)."""
         return {}
 
-    def load_state_dict(self, state: dict) -> None:
-        pass
+    def check_state(self, state: dict) -> None:
+        """Raise a `DSTError` if `state` cannot be loaded (called before anything is changed)."""
 
-    # --- bookkeeping ---------------------------------------------------------------------------
+    def load_state_dict(self, state: dict) -> None:
+        """Restore `state_dict()`; `check_state` has accepted it."""
+
+    def snapshot(self) -> dict:
+        """What `restore` needs to undo a failed update (a shallow copy of the attributes).
+
+        Enough for algorithms that assign new objects during an update; one that changes a tensor in
+        place inside `reparameterize` must copy it here.
+        """
+        return dict(vars(self))
+
+    def restore(self, snapshot: dict) -> None:
+        for key in set(vars(self)) - set(snapshot):
+            delattr(self, key)
+        vars(self).update(snapshot)
+
+    # --- helpers for subclasses ----------------------------------------------------------------
     @property
     def targets(self) -> list[SparseTarget]:
-        return self.controller.targets
+        return self.context.targets
 
     @property
     def step(self) -> int:
-        return self.controller.step_count
+        return self.context.step
 
     def generator(self, layer: int) -> torch.Generator:
-        """The generator for `layer` in the current update; depends only on (seed, update index, layer)."""
-        seed = derive_seed(self.controller.seed, GROWTH_STREAM, self.controller.update_index, layer)
-        return torch.Generator(device=self.targets[layer].mask.device).manual_seed(seed)
+        return self.context.generator(layer)
 
     def dense_gradients(self) -> list[torch.Tensor]:
-        """The captured dense gradients of every target, averaged across ranks (consumed).
+        """The captured dense gradients (finite, averaged across ranks), consumed."""
+        return self.context.dense_gradients(self.name)
 
-        A tensor no backward reached this step (an unused branch) gets a zero gradient.
-        """
-        grads = [sink.take() for sink in self.controller.dense_gradient_sinks]
-        if all(g is None for g in grads):
-            raise DSTError(f"method={self.name!r} grows by the dense gradient, but none was captured. Call "
-                           f"dst.step() after every optimizer step, or dst.capture_dense_gradients() before the "
-                           f"backward pass that precedes a manual dst.reparameterize().")
-        grads = [torch.zeros(t.shape, device=t.mask.device) if g is None else g for g, t in zip(grads, self.targets)]
-        all_reduce_mean(grads)
-        return grads
+    def magnitudes(self, layer: int) -> torch.Tensor:
+        """The mean `|w|` of every group of `layer`; non-finite weights score lowest (`dst_prune.scores`)."""
+        target = self.targets[layer]
+        return finite_scores(target.scores(target.orig), target.name)
 
     def prune(self, layer: int, groups: torch.Tensor) -> int:
         """Deactivate the active groups of `layer` at `groups` (bool, the grouping's group shape)."""
-        return self._set(layer, groups, False)
+        return self.context.set_groups(layer, groups, False)
 
     def grow(self, layer: int, groups: torch.Tensor) -> int:
         """Activate the inactive groups of `layer` at `groups`, starting at zero with zero optimizer state."""
-        return self._set(layer, groups, True)
-
-    def _set(self, layer: int, groups: torch.Tensor, active: bool) -> int:
-        target = self.targets[layer]
-        groups = groups & (target.group_mask().logical_not() if active else target.group_mask())
-        positions = target.grouping.expand(groups)
-        return self.set_indices(layer, positions.reshape(-1).nonzero().view(-1), active, positions)
+        return self.context.set_groups(layer, groups, True)
 
     def set_indices(self, layer: int, indices: torch.Tensor, active: bool,
                     positions: torch.Tensor | None = None) -> int:
-        """Activate (or deactivate) the weights of `layer` at flat `indices`, which must all change state.
+        """The fast path of `prune`/`grow` for exact flat element indices that all change state."""
+        return self.context.set_indices(layer, indices, active, positions)
 
-        The fast path of `prune`/`grow` for callers that already hold exact indices (random growth,
-        threshold pruning): no pass over the whole tensor.
-        """
-        target = self.targets[layer]
-        count = indices.numel() // target.grouping.group_size
-        if count:
-            if positions is None and not target.mask.is_contiguous():
-                positions = index_mask(indices, target.shape, target.mask.device)
-            fill_positions(target.mask, indices, positions, active)
-            zero_positions(target, indices, positions, unwrap_optimizer(self.controller.optimizer))
-        self.controller.record_change(layer, **{"grown" if active else "pruned": count})
-        return count
-
-    def weakest_active(self, layer: int, count: int) -> torch.Tensor:
-        """Flat indices of the `count` active groups of `layer` with the smallest mean `|w|` (ties: lower index)."""
-        target = self.targets[layer]
-        active = target.group_mask()
-        weakest = top_k_indices((-target.scores(target.orig)).masked_fill(~active, float("-inf")), count)
+    def weakest_active(self, layer: int, count: int, scores: torch.Tensor | None = None) -> torch.Tensor:
+        """Flat indices of the `count` active groups of `layer` with the lowest `scores` (default: magnitude;
+        ties: lower index)."""
+        active = self.targets[layer].group_mask()
+        name = self.targets[layer].name
+        scores = self.magnitudes(layer) if scores is None else finite_scores(scores, name, "drop")
+        weakest = top_k_indices(scores.neg().masked_fill_(~active, float("-inf")), count)
         return weakest[active.reshape(-1)[weakest]]
-
-    def regrow_in_blocks(self, layer: int, scores: torch.Tensor, candidates: torch.Tensor,
-                         counts_from: torch.Tensor) -> torch.Tensor:
-        """For `n:m`: in each block, as many of the best-scoring candidates as `counts_from` has in the block."""
-        grouping = self.targets[layer].grouping
-        block_scores = grouping.to_blocks(scores.float().masked_fill(~candidates, float("-inf")))
-        chosen = top_k_per_block(block_scores, grouping.to_blocks(counts_from).sum(1))
-        return grouping.from_blocks(chosen) & candidates
-
-    def exchange(self, fraction: float, grow_scores: Callable[[int], torch.Tensor] | None,
-                 grow_counts: Callable[[Sequence[int], Sequence[int]], list[int]] | None = None) -> None:
-        """Drop and regrow: the core of SET, RigL, SNFS and GraNet's regeneration.
-
-        Per layer, drop `floor(fraction * active)` of the active groups with the smallest magnitude (never
-        the last one), then grow as many (or `grow_counts(dropped, room)`, for a redistribution across
-        layers) at the inactive groups, just-dropped ones included, with the largest `grow_scores(layer)`
-        (group scores), or at random (`grow_scores=None`, drawn in O(count)). A group dropped and regrown
-        in the same update keeps its weights (RigL's default), so the counts recorded are the net
-        changes. With `n:m` granularity each block regrows exactly what it dropped, so every block keeps
-        `n` active weights.
-        """
-        drops, rooms = [], []
-        for layer, target in enumerate(self.targets):
-            active = target.active_groups()
-            drops.append(self.weakest_active(layer, min(int(fraction * active), active - 1)))
-            rooms.append(target.n_groups - active + drops[-1].numel())
-        dropped = [d.numel() for d in drops]
-        counts = grow_counts(dropped, rooms) if grow_counts else dropped
-        for layer, target in enumerate(self.targets):
-            grouping, drop = target.grouping, drops[layer]
-            candidates = target.group_mask().logical_not().reshape(-1).index_fill_(0, drop, True)
-            if grow_scores is None and grouping.kind != "n:m":
-                grow = random_indices(candidates, counts[layer], self.generator(layer))
-            else:
-                scores = self.random_scores(layer) if grow_scores is None else grow_scores(layer).float()
-                shaped = candidates.view(grouping.group_shape)
-                if grouping.kind == "n:m":
-                    dropped_here = index_mask(drop, grouping.group_shape, candidates.device)
-                    grow = self.regrow_in_blocks(layer, scores, shaped, dropped_here).reshape(-1).nonzero().view(-1)
-                else:
-                    grow = top_k_indices(torch.where(shaped, scores, float("-inf")), counts[layer])
-                    grow = grow[candidates[grow]]
-            # A group dropped and drawn again keeps its weights: only the net changes are written.
-            not_regrown = candidates.index_fill_(0, grow, False)  # (candidates is scratch from here on)
-            pruned, grown = drop[not_regrown[drop]], grow[target.group_mask().reshape(-1)[grow].logical_not_()]
-            if grouping.elementwise:  # exact already: no re-validation pass
-                self.set_indices(layer, pruned, False)
-                self.set_indices(layer, grown, True)
-            else:
-                self.prune(layer, index_mask(pruned, grouping.group_shape, target.mask.device))
-                self.grow(layer, index_mask(grown, grouping.group_shape, target.mask.device))
-
-    def random_scores(self, layer: int) -> torch.Tensor:
-        """Uniform scores over the groups of `layer`, from the layer's generator."""
-        target = self.targets[layer]
-        return torch.rand(target.grouping.group_shape, generator=self.generator(layer), device=target.mask.device)
-
-    def redistribute(self, dropped: Sequence[int], rooms: Sequence[int], shares: Sequence[float]) -> list[int]:
-        """Split the total dropped across layers in proportion to `shares`, within each layer's room."""
-        return apportion(sum(dropped), shares, rooms)

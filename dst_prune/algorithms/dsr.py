@@ -8,14 +8,18 @@ import torch
 
 from ..distributions import apportion
 from ..errors import DSTError
-from ..selection import random_indices, random_positions, top_k_mask
+from ..scores import warn_non_finite
+from ..selection import index_mask, top_k_mask
+from ..validation import check_number
 from .base import SparseAlgorithm
+from .registry import register_method
 
 __all__ = ["DSR"]
 
 logger = logging.getLogger(__name__)
 
 
+@register_method("dsr")
 class DSR(SparseAlgorithm):
     """DSR: prune by one global magnitude threshold that adapts, regrow in proportion to survivors.
 
@@ -30,76 +34,95 @@ class DSR(SparseAlgorithm):
        (largest-remainder rounding, so exactly `sum K_l` are regrown), grown at random inactive
        positions that were not pruned in this same update, at value zero.
 
+    The three steps can be called one by one (the seed's API), in this order only: a step out of order is
+    refused (`DSTError`) instead of losing the freed budget.
+
     Args:
         target_fraction_to_prune: `K` as a fraction of the sparse parameters (paper: 0.01).
         pruning_threshold: the initial threshold `H` (paper: 0.001).
         delta: the fractional tolerance around `K` (paper: 0.1).
     """
 
-    name = "dsr"
-
     def __init__(self, target_fraction_to_prune: float = 1e-2, pruning_threshold: float = 1e-3,
                  delta: float = 0.1) -> None:
         super().__init__()
-        checks = {
-            "target_fraction_to_prune": (target_fraction_to_prune, lambda v: 0 < v <= 1, "in (0, 1]"),
-            "pruning_threshold": (pruning_threshold, lambda v: v > 0, "> 0"),
-            "delta": (delta, lambda v: 0 <= v < 1, "in [0, 1)"),
-        }
-        for argument, (value, ok, expected) in checks.items():
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
-                raise DSTError(f"{argument} must be a number {expected}; received {value!r}.")
-        self.target_fraction_to_prune = float(target_fraction_to_prune)
-        self.threshold = float(pruning_threshold)
-        self.delta = float(delta)
+        self.target_fraction_to_prune = check_number(target_fraction_to_prune, "target_fraction_to_prune", low=0.0,
+                                                     high=1.0, low_open=True, high_open=False)
+        self.threshold = check_number(pruning_threshold, "pruning_threshold", low=0.0, low_open=True)
+        self.delta = check_number(delta, "delta", low=0.0, high=1.0)
         self._pruned: list[torch.Tensor] | None = None  # positions pruned in the update under way
+        self._adjusted = False
         self._freed: list[int] = []
         self._surviving: list[int] = []
 
-    def bind(self, controller) -> None:
-        super().bind(controller)
-        if self.target_count > controller.budget / 2:
+    def bind(self, context) -> None:
+        super().bind(context)
+        if self.target_count > context.budget / 2:
             logger.warning(
                 "DSR: K = target_fraction_to_prune * N = %d is %.0f%% of the %d active weights, so most of them "
                 "are replaced at every update. K is a fraction of all sparse parameters; at high sparsity lower "
                 "it, e.g. target_fraction_to_prune=%.2g (10%% of the active weights, the default's ratio at 90%% "
-                "sparsity)", self.target_count, 100 * self.target_count / controller.budget, controller.budget,
-                0.1 * controller.budget / controller.n_groups)
+                "sparsity)", self.target_count, 100 * self.target_count / context.budget, context.budget,
+                0.1 * context.budget / context.n_groups)
 
     @property
     def target_count(self) -> int:
         """`K`: the number of weights (groups) each reallocation aims to prune."""
-        return round(self.target_fraction_to_prune * self.controller.n_groups)
+        return round(self.target_fraction_to_prune * self.context.n_groups)
+
+    @property
+    def pending(self) -> bool:
+        """Whether `prune_by_threshold` ran and its freed budget awaits `reallocate_free_parameters`."""
+        return self._pruned is not None
+
+    def check_ready(self) -> None:
+        self._refuse_pending("an update")
 
     def reparameterize(self) -> None:
+        self._refuse_pending("reparameterize()")
         self.prune_by_threshold()
         self.adjust_pruning_threshold()
         self.reallocate_free_parameters()
 
+    def _refuse_pending(self, call: str) -> None:
+        if self.pending:
+            raise DSTError(f"{call}: prune_by_threshold() freed {sum(self._freed)} weights that are not regrown yet; "
+                           f"call {'adjust_pruning_threshold() and ' if not self._adjusted else ''}"
+                           f"reallocate_free_parameters() first, or the budget would be lost.")
+
     def prune_by_threshold(self) -> int:
-        """Step 1: prune the active weights (groups: by their mean `|w|`) below the threshold. Returns how many."""
-        self._pruned, self._freed, self._surviving = [], [], []
+        """Step 1: prune the active weights (groups: by their mean `|w|`) below the threshold. Returns how many.
+
+        Non-finite weights count as below any threshold (the non-finite policy of `dst_prune.scores`).
+        """
+        self._refuse_pending("prune_by_threshold()")
+        pruned, freed, surviving = [], [], []
         for layer, target in enumerate(self.targets):
             active_groups = target.group_mask()
+            warn_non_finite(target.orig.detach(), target.name)  # (they are below any threshold)
             below = target.grouping.below(target.orig, self.threshold).logical_and_(active_groups)
             active = int(torch.count_nonzero(active_groups))
             if active and int(torch.count_nonzero(below)) == active:  # keep the strongest: never empty a tensor
-                below &= ~top_k_mask(target.scores(target.orig).masked_fill(~active_groups, -1.0), 1)
-            freed = (self.set_indices(layer, below.reshape(-1).nonzero().view(-1), False, below)
+                below &= ~top_k_mask(self.magnitudes(layer).masked_fill(~active_groups, float("-inf")), 1)
+            count = (self.set_indices(layer, below.reshape(-1).nonzero().view(-1), False, below)
                      if target.grouping.elementwise else self.prune(layer, below))
-            self._pruned.append(below)
-            self._freed.append(freed)
-            self._surviving.append(active - freed)
-        return sum(self._freed)
+            pruned.append(below)
+            freed.append(count)
+            surviving.append(active - count)
+        self._pruned, self._freed, self._surviving, self._adjusted = pruned, freed, surviving, False
+        return sum(freed)
 
     def adjust_pruning_threshold(self) -> float:
         """Step 2: double or halve `H` depending on how many were pruned. Returns the new threshold."""
-        if self._pruned is not None:
-            freed, target = sum(self._freed), self.target_count
-            if freed < (1 - self.delta) * target:
-                self.threshold *= 2
-            elif freed > (1 + self.delta) * target:
-                self.threshold /= 2
+        if not self.pending or self._adjusted:
+            raise DSTError("adjust_pruning_threshold() follows prune_by_threshold(), once per update; call "
+                           "prune_by_threshold() first (or reparameterize() for all three steps).")
+        freed, target = sum(self._freed), self.target_count
+        if freed < (1 - self.delta) * target:
+            self.threshold *= 2
+        elif freed > (1 + self.delta) * target:
+            self.threshold /= 2
+        self._adjusted = True
         return self.threshold
 
     def reallocate_free_parameters(self) -> int:
@@ -107,37 +130,49 @@ class DSR(SparseAlgorithm):
 
         With `n:m` granularity each block regrows what it lost (the pattern fixes every block's count).
         """
-        if self._pruned is None:
-            return 0
+        if not self.pending or not self._adjusted:
+            raise DSTError("reallocate_free_parameters() follows prune_by_threshold() and "
+                           "adjust_pruning_threshold(); call them first (or reparameterize() for all three steps).")
         pruned, freed, surviving = self._pruned, sum(self._freed), self._surviving
-        self._pruned = None
         room = [t.n_groups - r - k for t, r, k in zip(self.targets, surviving, self._freed)]
         reuse_pruned = freed > sum(room)
         if reuse_pruned:  # denser than 50%: not enough never-pruned zeros, so reuse just-pruned slots too
             logger.warning("DSR: %d weights freed but only %d inactive positions were not just pruned; "
                            "regrowing some at positions pruned in this update", freed, sum(room))
             room = [t.n_groups - r for t, r in zip(self.targets, surviving)]
-        counts = apportion(freed, surviving, room)
+        redistributes = all(t.grouping.redistributes for t in self.targets)
+        counts = apportion(freed, surviving, room) if redistributes else list(self._freed)
         grown = 0
         for layer, (target, count) in enumerate(zip(self.targets, counts)):
-            if target.grouping.kind == "n:m":  # prefer never-pruned zeros, within each block
-                scores = self.random_scores(layer) + 2.0 * ~pruned[layer]
-                grown += self.grow(layer, self.regrow_in_blocks(layer, scores, ~target.group_mask(), pruned[layer]))
-                continue
-            # inactive and (unless reused) not just pruned: ~(mask | pruned), one bool tensor
-            candidates = ~target.group_mask() if reuse_pruned else target.group_mask().logical_or(
-                pruned[layer]).logical_not_()
-            if target.grouping.elementwise:
-                grown += self.set_indices(layer, random_indices(candidates, count, self.generator(layer)), True)
+            grouping, inactive = target.grouping, target.group_mask().logical_not()
+            dropped = pruned[layer].reshape(-1).nonzero().view(-1)
+            if grouping.redistributes:  # inactive and (unless reused) not just pruned: ~(mask | pruned)
+                candidates = inactive if reuse_pruned else inactive.logical_and_(pruned[layer].logical_not())
+                grow = grouping.regrow(candidates.reshape(-1), count, self.generator(layer))
+            else:  # within each block, never-pruned zeros first
+                scores = torch.rand(grouping.group_shape, generator=self.generator(layer),
+                                    device=inactive.device) + 2.0 * pruned[layer].logical_not()
+                grow = grouping.regrow(inactive.reshape(-1), count, self.generator(layer), scores=scores,
+                                       dropped=dropped)
+            if grouping.elementwise:
+                grown += self.set_indices(layer, grow, True)
             else:
-                grown += self.grow(layer, random_positions(candidates, count, self.generator(layer)))
+                grown += self.grow(layer, index_mask(grow, grouping.group_shape, inactive.device))
+        self._pruned, self._adjusted = None, False
         return grown
 
     def metrics(self) -> dict:
         return {"threshold": self.threshold}
 
     def state_dict(self) -> dict:
+        if self.pending:
+            raise DSTError("state_dict() during a DSR update: prune_by_threshold() freed weights that "
+                           "reallocate_free_parameters() has not regrown yet. Finish the update first.")
         return {"threshold": self.threshold}
+
+    def check_state(self, state: dict) -> None:
+        check_number(state.get("threshold"), "the saved DSR threshold", low=0.0, low_open=True)
 
     def load_state_dict(self, state: dict) -> None:
         self.threshold = float(state["threshold"])
+        self._pruned, self._adjusted = None, False

@@ -6,81 +6,115 @@ from ..distributions import apportion, layer_shares, total_budget
 from ..errors import DSTError
 from ..schedules import UpdateSchedule, cubic_sparsity
 from ..selection import global_top_k, top_k_mask
-from .base import SparseAlgorithm, check_fraction
+from ..validation import check_int, check_number
+from .base import SparseAlgorithm
+from .registry import register_method
 
-__all__ = ["GMP"]
+__all__ = ["GMP", "Gradual", "GradualPruning"]
 
 
-class GMP(SparseAlgorithm):
+class GradualPruning:
+    """The cubic schedule of Zhu & Gupta 2017, eq. 1, and the pruning to it; shared by GMP and GraNet.
+
+    At steps `t = t_0 + k * dt` up to `t_end`, the sparsity is
+    `s_t = s_f + (s_i - s_f) * (1 - (t - t_0) / (t_end - t_0)) ** 3`, and the weights with the smallest
+    magnitude are pruned until exactly `round((1 - s_t) * N)` remain; pruned weights never come back.
+    `t_0 = begin_step`, `dt = update_every`, `t_end` the stop step. With `distribution="global"` the
+    smallest weights of the whole model are pruned (at least one stays in every layer); otherwise each
+    layer keeps its share of the layer-wise distribution.
+    """
+
+    def __init__(self, algorithm: SparseAlgorithm, initial_sparsity: float, begin_step: int) -> None:
+        self.algorithm = algorithm
+        self.start_sparsity = check_number(initial_sparsity, "initial_sparsity", low=0.0, high=1.0)
+        self.begin_step = check_int(begin_step, "begin_step", minimum=0)
+
+    @property
+    def end_step(self) -> int:
+        return self.algorithm.context.schedule.stop_step
+
+    def initial_sparsity(self, final: float) -> float:
+        if self.start_sparsity > final:
+            raise DSTError(f"initial_sparsity={self.start_sparsity} is above sparsity={final}: method="
+                           f"{self.algorithm.name!r} only prunes. Pass an initial_sparsity at most the target.")
+        return self.start_sparsity
+
+    def check_schedule(self, schedule: UpdateSchedule) -> None:
+        if schedule.stop_step <= self.begin_step:
+            raise DSTError(f"method={self.algorithm.name!r} prunes between begin_step={self.begin_step} and the stop "
+                           f"step {schedule.stop_step}; make total_steps/stop_fraction (or stop_step) end after "
+                           f"begin_step.")
+
+    def is_update_step(self, step: int) -> bool:
+        if not self.begin_step < step <= self.end_step:
+            return False
+        return step == self.end_step or (step - self.begin_step) % self.algorithm.context.schedule.period(step) == 0
+
+    def current_sparsity(self) -> float:
+        context = self.algorithm.context
+        return cubic_sparsity(context.step, self.begin_step, self.end_step, self.start_sparsity,
+                              context.target_sparsity)
+
+    def next_budget(self) -> int:
+        context = self.algorithm.context
+        return min(total_budget(self.current_sparsity(), context.n_groups), context.budget)
+
+    def prune_to_budget(self) -> None:
+        """Prune the smallest active groups until exactly `context.budget` remain."""
+        algorithm, context = self.algorithm, self.algorithm.context
+        targets = context.targets
+        magnitudes = [algorithm.magnitudes(i).masked_fill(~t.group_mask(), float("-inf")) for i, t in
+                      enumerate(targets)]
+        if context.distribution == "global":
+            keep = global_top_k(magnitudes, context.budget)
+        else:
+            shares = layer_shares([t.shape for t in targets], context.distribution, [t.n_groups for t in targets])
+            counts = apportion(context.budget, shares, [t.active_groups() for t in targets])
+            keep = [top_k_mask(m, c) for m, c in zip(magnitudes, counts)]
+        for layer, (target, kept) in enumerate(zip(targets, keep)):
+            algorithm.prune(layer, target.group_mask() & ~kept)
+
+
+class Gradual:
+    """Mixin of the gradual methods: the schedule, the start sparsity and the budget come from `self.pruning`."""
+
+    pruning: GradualPruning
+    gradual = True
+    needs_total_steps = True
+
+    def initial_sparsity(self, final: float) -> float:
+        return self.pruning.initial_sparsity(final)
+
+    def check_schedule(self, schedule: UpdateSchedule) -> None:
+        self.pruning.check_schedule(schedule)
+
+    def is_update_step(self, step: int) -> bool:
+        return self.pruning.is_update_step(step)
+
+    def next_budget(self) -> int:
+        return self.pruning.next_budget()
+
+
+@register_method("gmp")
+class GMP(Gradual, SparseAlgorithm):
     """GMP: prune the smallest weights gradually, from `initial_sparsity` to the target, on a cubic schedule.
 
-    Zhu & Gupta 2017, eq. 1: at steps `t = t_0 + k * dt` up to `t_end`, the sparsity is
-    `s_t = s_f + (s_i - s_f) * (1 - (t - t_0) / (t_end - t_0)) ** 3` and the weights with the smallest
-    magnitude are pruned until exactly `round((1 - s_t) * N)` remain; pruned weights never come back.
-    `t_0 = begin_step`, `dt = update_every`, `t_end = stop_fraction * total_steps` (0.75) or `stop_step`.
-    With `distribution="global"` the smallest weights of the whole model are pruned (at least one stays
-    in every layer); otherwise each layer keeps its share of the layer-wise distribution.
+    Zhu & Gupta 2017, eq. 1 (see `GradualPruning`); `t_end = stop_fraction * total_steps` (0.75) or
+    `stop_step`.
 
     Args:
         initial_sparsity: `s_i`, the sparsity training starts from (0: dense).
         begin_step: `t_0`, the step pruning starts after (0).
     """
 
-    name = "gmp"
-    gradual = True
     default_stop_fraction = 0.75
-    needs_total_steps = True
 
     def __init__(self, initial_sparsity: float = 0.0, begin_step: int = 0) -> None:
         super().__init__()
-        self.start_sparsity = check_fraction(initial_sparsity, "initial_sparsity")
-        if isinstance(begin_step, bool) or not isinstance(begin_step, int) or begin_step < 0:
-            raise DSTError(f"begin_step must be a non-negative integer; received {begin_step!r}.")
-        self.begin_step = begin_step
-
-    def initial_sparsity(self, final: float) -> float:
-        if self.start_sparsity > final:
-            raise DSTError(f"initial_sparsity={self.start_sparsity} is above sparsity={final}: method={self.name!r} "
-                           f"only prunes. Pass an initial_sparsity at most the target.")
-        return self.start_sparsity
-
-    @property
-    def end_step(self) -> int:
-        return self.controller.schedule.stop_step
-
-    def check_schedule(self, schedule: UpdateSchedule) -> None:
-        if schedule.stop_step <= self.begin_step:
-            raise DSTError(f"method={self.name!r} prunes between begin_step={self.begin_step} and the stop step "
-                           f"{schedule.stop_step}; make total_steps/stop_fraction (or stop_step) end after "
-                           f"begin_step.")
-
-    def is_update_step(self, step: int) -> bool:
-        if not self.begin_step < step <= self.end_step:
-            return False
-        return step == self.end_step or (step - self.begin_step) % self.controller.schedule.period(step) == 0
-
-    def current_sparsity(self) -> float:
-        return cubic_sparsity(self.step, self.begin_step, self.end_step, self.start_sparsity,
-                              self.controller.target_sparsity)
-
-    def prune_to_schedule(self) -> None:
-        """Prune the smallest active weights until exactly `round((1 - s_t) * N)` remain."""
-        controller = self.controller
-        budget = min(total_budget(self.current_sparsity(), controller.n_groups), controller.budget)
-        magnitudes = [t.scores(t.orig).masked_fill(~t.group_mask(), float("-inf")) for t in self.targets]
-        if controller.distribution == "global":
-            keep = global_top_k(magnitudes, budget)
-        else:
-            shares = layer_shares([t.shape for t in self.targets], controller.distribution,
-                                  [t.n_groups for t in self.targets])
-            counts = apportion(budget, shares, [t.active_groups() for t in self.targets])
-            keep = [top_k_mask(m, c) for m, c in zip(magnitudes, counts)]
-        for layer, (target, kept) in enumerate(zip(self.targets, keep)):
-            self.prune(layer, target.group_mask() & ~kept)
-        controller.budget = budget
+        self.pruning = GradualPruning(self, initial_sparsity, begin_step)
 
     def reparameterize(self) -> None:
-        self.prune_to_schedule()
+        self.pruning.prune_to_budget()
 
     def metrics(self) -> dict:
-        return {"scheduled_sparsity": self.current_sparsity()}
+        return {"scheduled_sparsity": self.pruning.current_sparsity()}

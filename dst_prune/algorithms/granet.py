@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from ..schedules import decayed_fraction
-from .base import check_decay, check_fraction
-from .gmp import GMP
+from .gmp import Gradual, GradualPruning
+from .registry import register_method
+from .rigl import RigL
 
 __all__ = ["GraNet"]
 
 
-class GraNet(GMP):
-    """GraNet: GMP's cubic pruning plus, at every pruning step, RigL-style regeneration.
+@register_method("granet")
+class GraNet(Gradual, RigL):
+    """GraNet: GMP's cubic pruning, then RigL's regeneration, at every pruning step.
 
     Liu et al. 2021, Algorithm 1: at each update `t` up to `t_end`, (1) gradual magnitude pruning to
     `s_t` (the cubic schedule of Zhu & Gupta, eq. 1; the paper prunes globally: pass
@@ -26,24 +27,16 @@ class GraNet(GMP):
         decay: `cosine` (the paper), `linear` or `constant`.
     """
 
-    name = "granet"
+    default_drop_fraction = 0.5
 
     def __init__(self, initial_sparsity: float = 0.0, begin_step: int = 0, drop_fraction: float = 0.5,
                  decay: str = "cosine") -> None:
-        super().__init__(initial_sparsity=initial_sparsity, begin_step=begin_step)
-        self.drop_fraction = check_fraction(drop_fraction, "drop_fraction")
-        self.decay = check_decay(decay)
+        super().__init__(drop_fraction, decay)
+        self.pruning = GradualPruning(self, initial_sparsity, begin_step)
 
-    def current_drop_fraction(self) -> float:
-        return decayed_fraction(self.drop_fraction, self.step, self.end_step, self.decay)
-
-    def needs_dense_gradient(self, step: int) -> bool:
-        return self.is_update_step(step)
-
-    def reparameterize(self) -> None:
-        gradients = self.dense_gradients()
-        self.prune_to_schedule()
-        self.exchange(self.current_drop_fraction(), lambda layer: self.targets[layer].scores(gradients[layer]))
+    def prepare(self) -> None:
+        super().prepare()  # the gradients first: they are of the step before any pruning
+        self.pruning.prune_to_budget()
 
     def metrics(self) -> dict:
-        return {**super().metrics(), "drop_fraction": self.current_drop_fraction()}
+        return {"scheduled_sparsity": self.pruning.current_sparsity(), **super().metrics()}

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-from ..schedules import decayed_fraction
-from .base import SparseAlgorithm, check_decay, check_fraction
+import torch
+
+from .registry import register_method
+from .set import SET
 
 __all__ = ["RigL"]
 
 
-class RigL(SparseAlgorithm):
-    """RigL: per layer, drop the weakest active weights, grow where the dense gradient is largest.
+@register_method("rigl")
+class RigL(SET):
+    """RigL: SET with growth where the dense gradient `|dL/dW|` is largest.
 
     Evci et al. 2020, sec. 3: every `update_every` steps (100) until `T_end = stop_fraction * total_steps`
     (0.75), each layer drops `f(t) * active` weights with the smallest `|w|` and grows as many inactive
@@ -22,24 +25,20 @@ class RigL(SparseAlgorithm):
         decay: `cosine` (the paper), `linear` or `constant`.
     """
 
-    name = "rigl"
+    default_decay = "cosine"
     default_stop_fraction = 0.75
-    needs_total_steps = True
-
-    def __init__(self, drop_fraction: float = 0.3, decay: str = "cosine") -> None:
-        super().__init__()
-        self.drop_fraction = check_fraction(drop_fraction, "drop_fraction")
-        self.decay = check_decay(decay)
-
-    def current_drop_fraction(self) -> float:
-        return decayed_fraction(self.drop_fraction, self.step, self.controller.decay_end, self.decay)
 
     def needs_dense_gradient(self, step: int) -> bool:
         return self.is_update_step(step)
 
-    def reparameterize(self) -> None:
-        gradients = self.dense_gradients()
-        self.exchange(self.current_drop_fraction(), lambda layer: self.targets[layer].scores(gradients[layer]))
+    def prepare(self) -> None:
+        self.gradients = self.dense_gradients()
 
-    def metrics(self) -> dict:
-        return {"drop_fraction": self.current_drop_fraction()}
+    def reparameterize(self) -> None:
+        try:
+            super().reparameterize()
+        finally:
+            self.gradients = None  # a dense gradient per tensor: not kept between updates
+
+    def grow_scores(self, layer: int) -> torch.Tensor:
+        return self.targets[layer].scores(self.gradients[layer])

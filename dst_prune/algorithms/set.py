@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from ..schedules import decayed_fraction
-from .base import SparseAlgorithm, check_decay, check_fraction
+from .drop_and_grow import DropAndGrow
+from .registry import register_method
 
 __all__ = ["SET"]
 
 
-class SET(SparseAlgorithm):
+@register_method("set")
+class SET(DropAndGrow):
     """SET: per layer, drop the weakest active weights and regrow as many at random, at zero.
 
     Mocanu et al. 2018, Algorithm 1: after each training period, remove a fraction `zeta` of the
@@ -20,22 +21,5 @@ class SET(SparseAlgorithm):
         decay: `constant` as in the paper; `cosine` or `linear` decay it to zero at the stop step.
     """
 
-    name = "set"
-
-    def __init__(self, drop_fraction: float = 0.3, decay: str = "constant") -> None:
-        super().__init__()
-        self.drop_fraction = check_fraction(drop_fraction, "drop_fraction")
-        self.decay = check_decay(decay)
-
-    @property
-    def needs_total_steps(self) -> bool:  # only a decaying fraction needs an end
-        return self.decay != "constant"
-
-    def current_drop_fraction(self) -> float:
-        return decayed_fraction(self.drop_fraction, self.step, self.controller.decay_end, self.decay)
-
-    def reparameterize(self) -> None:
-        self.exchange(self.current_drop_fraction(), None)  # random growth
-
-    def metrics(self) -> dict:
-        return {"drop_fraction": self.current_drop_fraction()}
+    default_drop_fraction = 0.3
+    default_decay = "constant"

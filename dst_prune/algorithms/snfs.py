@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+
 import torch
 
-from ..schedules import decayed_fraction
-from .base import SparseAlgorithm, check_decay, check_fraction
+from ..distributions import apportion
+from ..errors import DSTError
+from ..validation import check_number
+from .drop_and_grow import DropAndGrow
+from .registry import register_method
 
 __all__ = ["SNFS"]
 
 
-class SNFS(SparseAlgorithm):
+@register_method("snfs")
+class SNFS(DropAndGrow):
     """Sparse momentum: prune by magnitude, redistribute and regrow by the momentum of the dense gradient.
 
     Dettmers & Zettlemoyer 2019, Algorithm 1, at each update:
@@ -24,7 +31,8 @@ class SNFS(SparseAlgorithm):
 
     The momentum is `M <- beta * M + dL/dW` of the dense gradient (masked positions included), kept by
     dst_prune because the optimizer's own momentum is zero where the gradient is masked. It is captured
-    every step and averaged across ranks every step, so it is the same on every rank.
+    every step and averaged across ranks every step, so it is the same on every rank; non-finite gradient
+    entries count as zero, so the momentum stays finite.
 
     Args:
         drop_fraction: the initial prune rate `p` (0.5).
@@ -32,28 +40,25 @@ class SNFS(SparseAlgorithm):
         momentum: `beta` of the dense-gradient momentum (0.9, the paper's SGD momentum).
     """
 
-    name = "snfs"
+    default_drop_fraction = 0.5
+    default_decay = "cosine"
     default_stop_fraction = 1.0
-    needs_total_steps = True
 
     def __init__(self, drop_fraction: float = 0.5, decay: str = "cosine", momentum: float = 0.9) -> None:
-        super().__init__()
-        self.drop_fraction = check_fraction(drop_fraction, "drop_fraction")
-        self.decay = check_decay(decay)
-        self.beta = check_fraction(momentum, "momentum")
+        super().__init__(drop_fraction, decay)
+        self.beta = check_number(momentum, "momentum", low=0.0, high=1.0)
         self.momentum: list[torch.Tensor] | None = None
-
-    def current_drop_fraction(self) -> float:
-        return decayed_fraction(self.drop_fraction, self.step, self.controller.decay_end, self.decay)
+        self._accumulated_step = 0  # the last step whose gradient the momentum holds
 
     def needs_dense_gradient(self, step: int) -> bool:
-        stop = self.controller.schedule.stop_step
+        stop = self.context.schedule.stop_step
         return stop is None or step < stop
 
     def after_optimizer_step(self, step: int) -> None:
-        if not self.needs_dense_gradient(step):
-            return
+        if not self.needs_dense_gradient(step) or step == self._accumulated_step:
+            return  # (the second case: a retry of a step whose update failed; its gradient is in already)
         gradients = self.dense_gradients()
+        self._accumulated_step = step
         if self.momentum is None:
             self.momentum = gradients
             return
@@ -61,25 +66,40 @@ class SNFS(SparseAlgorithm):
             momentum.mul_(self.beta).add_(gradient)
 
     def momentum_shares(self) -> list[float]:
-        """Each layer's mean momentum magnitude over its active weights."""
-        return [float(m.abs()[t.mask].mean()) if t.active() else 0.0 for m, t in zip(self.momentum, self.targets)]
+        """Each layer's mean momentum magnitude over its active weights (0 where it is not finite)."""
+        shares = [float(m.abs()[t.mask].mean()) if t.active() else 0.0 for m, t in zip(self.momentum, self.targets)]
+        return [s if math.isfinite(s) else 0.0 for s in shares]
 
     def reparameterize(self) -> None:
         if self.momentum is None:  # no step yet: nothing to rank by
             return
-        shares = self.momentum_shares()
-        self.exchange(self.current_drop_fraction(), lambda layer: self.targets[layer].scores(self.momentum[layer]),
-                      lambda dropped, rooms: self.redistribute(dropped, rooms, shares))
+        super().reparameterize()
 
-    def metrics(self) -> dict:
-        return {"drop_fraction": self.current_drop_fraction()}
+    def restore(self, snapshot: dict) -> None:
+        """Undo a failed update, except the momentum, which keeps the step's gradient (counted once)."""
+        accumulated = self._accumulated_step
+        super().restore(snapshot)
+        self._accumulated_step = accumulated
+
+    def grow_scores(self, layer: int) -> torch.Tensor:
+        return self.targets[layer].scores(self.momentum[layer])
+
+    def grow_counts(self, dropped: Sequence[int], rooms: Sequence[int]) -> list[int]:
+        return apportion(sum(dropped), self.momentum_shares(), rooms)
 
     def state_dict(self) -> dict:
         return {"momentum": None if self.momentum is None else [m.clone() for m in self.momentum]}
 
-    def load_state_dict(self, state: dict) -> None:
+    def check_state(self, state: dict) -> None:
         momentum = state.get("momentum")
         if momentum is None:
-            self.momentum = None
             return
-        self.momentum = [m.to(device=t.mask.device, dtype=torch.float32) for m, t in zip(momentum, self.targets)]
+        shapes = [tuple(t.shape) for t in self.targets]
+        if not isinstance(momentum, list) or [tuple(getattr(m, "shape", ())) for m in momentum] != shapes:
+            raise DSTError("the saved SNFS momentum does not match the sparse tensors (one tensor of each "
+                           "parameter's shape expected); the checkpoint is of another model.")
+
+    def load_state_dict(self, state: dict) -> None:
+        momentum = state.get("momentum")
+        self.momentum = None if momentum is None else [
+            m.to(device=t.mask.device, dtype=torch.float32) for m, t in zip(momentum, self.targets)]

@@ -3,21 +3,18 @@
 from __future__ import annotations
 
 from .base import SparseAlgorithm
+from .registry import register_method
 
 __all__ = ["Static"]
 
 
+@register_method("static")
 class Static(SparseAlgorithm):
     """A fixed sparse mask, chosen once by `apply` (`init`, `distribution`) and trained as is.
 
     The baseline of SET (Mocanu et al. 2018), RigL (Evci et al. 2020, "Static") and the others: the same
     non-zero budget and layer distribution, without any reallocation.
     """
-
-    name = "static"
-
-    def __init__(self) -> None:
-        super().__init__()
 
     def is_update_step(self, step: int) -> bool:
         return False

@@ -1,0 +1,160 @@
+"""`load_sparse_state_dict`: a sparse checkpoint into a freshly built model, without the original `apply` arguments.
+
+The masks come from torch prune's form in the state dict itself (`<name>_orig` + `<name>_mask`), or from
+`masks=`: a controller's `state_dict()`, a `{name: bool mask}` mapping, or `"nonzero"` (the non-zero
+weights of a plain state dict). Everything is checked against the model first (names, shapes, groups);
+a refusal leaves the model untouched. Keys a `save_pretrained` left out because their tensor is tied
+to another key (an LM head tied to the embedding) are taken from that key.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from .api import _algorithm_and_schedule, _attach_all, _check_model
+from .bits import unpack_bits
+from .errors import DSTError
+from .groups import groupings_for
+from .optimizer_state import require_optimizer
+from .sparsity import DynamicSparsity
+from .targets import find_targets
+from .validation import check_int
+
+__all__ = ["complete_state_dict", "load_sparse_state_dict"]
+
+MaskSource = Mapping[str, torch.Tensor] | dict | str | None
+
+
+def _pairs(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`{name: mask}` of torch prune's `<name>_orig` / `<name>_mask` pairs."""
+    return {k[:-5]: v for k, v in state_dict.items() if k.endswith("_mask") and k[:-5] + "_orig" in state_dict}
+
+
+def _masks_from(masks: MaskSource, state_dict: Mapping[str, torch.Tensor], shapes: dict[str, torch.Size]) \
+        -> dict[str, torch.Tensor]:
+    pairs = _pairs(state_dict)
+    if pairs:
+        return pairs
+    if isinstance(masks, dict) and "masks" in masks and "targets" in masks:  # a controller's state_dict()
+        names = masks["targets"]
+        unknown = [n for n in names if n not in shapes]
+        if unknown:
+            raise DSTError(f"masks=: the controller state names {unknown[0]}, which is not a parameter of the model. "
+                           f"Build the same architecture as the checkpoint's.")
+        return {n: unpack_bits(p, shapes[n]) for n, p in zip(names, masks["masks"])}
+    if masks == "nonzero":
+        zero_free = {k: v for k, v in state_dict.items() if k in shapes and v.is_floating_point()}
+        return {k: v != 0 for k, v in zero_free.items() if bool((v == 0).any())}
+    if isinstance(masks, Mapping) and masks:
+        return dict(masks)
+    raise DSTError("state_dict is plain (no '<name>_orig'/'<name>_mask' pairs), so it does not say which weights are "
+                   "masked: pass masks=dst.state_dict() (the controller state saved with it), masks=dst.masks(), or "
+                   "masks='nonzero' to take its non-zero weights as the active ones. A dense state_dict loads with "
+                   "model.load_state_dict.")
+
+
+def _plain_keys(state_dict: Mapping[str, torch.Tensor], names: set[str]) -> dict[str, torch.Tensor]:
+    """The state dict with torch prune's pairs as plain `<name>` entries (masks dropped)."""
+    plain = {}
+    for key, value in state_dict.items():
+        base = key[:-5] if key.endswith(("_orig", "_mask")) else None
+        if base in names:
+            if key.endswith("_orig"):
+                plain[base] = value
+        else:
+            plain[key] = value
+    return plain
+
+
+def _tied_partners(model: nn.Module) -> dict[str, list[str]]:
+    """For every state-dict key of a tied parameter, the other keys of the same tensor."""
+    by_tensor: dict[int, list[str]] = {}
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        for name, param in module._parameters.items():
+            if param is not None:
+                by_tensor.setdefault(id(param), []).append(f"{module_name}.{name}" if module_name else name)
+    return {k: [o for o in keys if o != k] for keys in by_tensor.values() if len(keys) > 1 for k in keys}
+
+
+def complete_state_dict(model: nn.Module, plain: Mapping[str, torch.Tensor], source: str = "state_dict") \
+        -> dict[str, torch.Tensor]:
+    """Check a plain state dict against the model (keys, shapes) and fill the keys left out as tied duplicates.
+
+    Raises:
+        DSTError: a key is missing or unexpected, or a tensor has another shape; `source` names the input.
+    """
+    own = model.state_dict()
+    tied = _tied_partners(model)
+    filled = dict(plain)
+    for key in set(own) - set(plain):
+        partner = next((p for p in tied.get(key, []) if p in plain), None)
+        if partner is not None:
+            filled[key] = plain[partner]
+    missing, unexpected = sorted(set(own) - set(filled)), sorted(set(filled) - set(own))
+    if missing or unexpected:
+        raise DSTError(f"{source} does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}. "
+                       f"Build the same architecture as the checkpoint's.")
+    for key, value in filled.items():
+        if tuple(value.shape) != tuple(own[key].shape):
+            raise DSTError(f"{key}: the tensor in {source} has shape {tuple(value.shape)}, the model's "
+                           f"{tuple(own[key].shape)}. Build the model with the checkpoint's arguments.")
+    return filled
+
+
+def load_sparse_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, masks: MaskSource = None,
+                           method: str = "dsr", granularity: str = "element", optimizer: object = None,
+                           update_every: int = 100, total_steps: int | None = None, stop_step: int | None = None,
+                           seed: int = 0, **hyperparameters: object) -> DynamicSparsity:
+    """Load a sparse checkpoint into a fresh (dense) model without knowing how it was made sparse.
+
+    Args:
+        model: a freshly built model of the checkpoint's architecture (not sparse yet).
+        state_dict: the model's weights: plain (`model.state_dict()` of a sparse model) or torch prune's form.
+        masks: where the masks are when `state_dict` is plain: the controller's `state_dict()`, a
+            `{name: bool}` mapping, or `"nonzero"` (every non-zero weight active; a weight regrown at zero and
+            not trained since becomes inactive).
+        method, granularity, optimizer, update_every, total_steps, stop_step, seed, hyperparameters: as in
+            `dst_prune.apply`, for the controller returned.
+
+    Returns:
+        A controller keeping exactly the checkpoint's number of active weights.
+
+    Raises:
+        DSTError: no masks, or anything that does not fit the model; the model is left untouched.
+    """
+    model = _check_model(model)
+    seed = check_int(seed, "seed")
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    found = _masks_from(masks, state_dict, shapes)
+    for name, mask in found.items():
+        if name not in shapes:
+            raise DSTError(f"{name}: the checkpoint has a mask for it, but the model has no such parameter. Build the "
+                           f"same architecture as the checkpoint's.")
+        if tuple(mask.shape) != tuple(shapes[name]):
+            raise DSTError(f"{name}: the checkpoint's mask has shape {tuple(mask.shape)}, the model's parameter "
+                           f"{tuple(shapes[name])}.")
+    plain = complete_state_dict(model, _plain_keys(state_dict, set(found)))
+    algorithm, schedule = _algorithm_and_schedule(method, hyperparameters, update_every=update_every,
+                                                  total_steps=total_steps, stop_step=stop_step,
+                                                  stop_fraction=None, double_at=())
+    specs = find_targets(model, include="|".join(map(re.escape, found)), dense_stem_and_head=False)
+    params = [model.get_submodule(s.module_name)._parameters[s.tensor_name] for s in specs]
+    bools = [torch.empty_like(p, dtype=torch.bool).copy_(found[s.name]) for p, s in zip(params, specs)]
+    require_optimizer(optimizer)
+    active, total = sum(int(m.sum()) for m in bools), sum(m.numel() for m in bools)
+    groupings = groupings_for(granularity, [s.name for s in specs], [p.shape for p in params],
+                              sparsity=1 - active / total, distribution="uniform", gradual=algorithm.gradual,
+                              layouts=[s.layout for s in specs])
+    for spec, mask, grouping in zip(specs, bools, groupings):
+        if not grouping.is_whole(mask):
+            raise DSTError(f"{spec.name}: the checkpoint's mask is not made of whole {grouping.name} groups. Pass the "
+                           f"granularity it was trained with.")
+    controller = _attach_all(model, specs, bools, groupings, algorithm=algorithm, schedule=schedule, seed=seed,
+                             target_sparsity=1 - active / total, distribution="uniform", total_steps=total_steps,
+                             optimizer=optimizer, config={"loaded": True, "granularity": granularity})
+    model.load_state_dict(plain)  # plain `weight` keys: the masks just attached stay
+    return controller

@@ -1,0 +1,237 @@
+"""Bad input and faults: non-finite values never break the exact count, and every refused or failed operation
+leaves model, masks, optimizer and controller exactly as they were (DESIGN.md rule 11)."""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+from conftest import SmallCNN, assert_invariants, assert_unchanged, small_cnn_batch, snapshot
+from torch import nn
+
+import dst_prune
+
+METHOD_ARGUMENTS = {"static": {}, "set": {}, "dsr": {"pruning_threshold": 0.02}, "rigl": {"total_steps": 12},
+                    "snfs": {"total_steps": 12}, "gmp": {"total_steps": 12}, "granet": {"total_steps": 12}}
+GRADIENT_METHODS = ("rigl", "snfs", "granet")
+
+
+def build(method="rigl", seed=0, **overrides):
+    torch.manual_seed(seed)
+    model = SmallCNN()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    arguments = {"sparsity": 0.8, "update_every": 2, "seed": 3, **METHOD_ARGUMENTS[method], **overrides}
+    return model, optimizer, dst_prune.apply(model, optimizer=optimizer, method=method, **arguments)
+
+
+def backward(model, optimizer, i=0):
+    x, y = small_cnn_batch(n=4 + i % 3)
+    optimizer.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+
+
+def train(model, optimizer, dst, steps, start=0):
+    for i in range(start, start + steps):
+        backward(model, optimizer, i)
+        optimizer.step()
+        dst.step()
+
+
+def full_state(model, optimizer, dst):
+    """Everything an update may change, copied."""
+    return copy.deepcopy({"model": dst_prune.pruned_state_dict(model), "optimizer": optimizer.state_dict(),
+                          "grads": [None if t.orig.grad is None else t.orig.grad.clone() for t in dst.targets],
+                          "dst": dst.state_dict()})
+
+
+def assert_same_state(a, b):
+    assert a["model"].keys() == b["model"].keys()
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    for x, y in zip(a["grads"], b["grads"]):
+        assert (x is None and y is None) or torch.equal(x, y)
+    state_a, state_b = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert state_a.keys() == state_b.keys()
+    assert all(torch.equal(state_a[k][n], state_b[k][n]) for k in state_a for n in state_a[k])
+    for key in ("step_count", "update_index", "budget", "history", "masks_digest"):
+        assert a["dst"][key] == b["dst"][key], key
+
+
+# --- non-finite values ---------------------------------------------------------------------------
+@pytest.mark.parametrize("init", ["magnitude", "random"])
+def test_non_finite_weights_at_apply_are_refused_naming_the_tensor(init):
+    model = SmallCNN()
+    with torch.no_grad():
+        model.fc1.weight[3, 2] = float("nan")
+        model.conv.weight[0, 0, 0, 0] = float("inf")
+    before = snapshot(model)
+    with pytest.raises(dst_prune.DSTError, match=r"conv.weight has 1 non-finite values \(NaN or inf\)"):
+        dst_prune.apply(model, sparsity=0.9, init=init)
+    assert_unchanged(model, before)
+    assert not dst_prune.is_sparse(model)
+
+
+@pytest.mark.parametrize("method", list(METHOD_ARGUMENTS))
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weights_and_gradients_never_change_the_count(method, bad, caplog):
+    """A diverged weight and diverged gradient entries at an update: the exact count holds, the bad weight is
+    dropped first and restarts at zero, no bad gradient entry decides a growth, and each event is logged."""
+    model, optimizer, dst = build(method)
+    train(model, optimizer, dst, 1)
+    layer = next(i for i, t in enumerate(dst.targets) if t.name == "fc1.weight")
+    target = dst.targets[layer]
+    position = int(target.mask.reshape(-1).nonzero()[0])
+    backward(model, optimizer, 1)
+    optimizer.step()
+    with torch.no_grad():
+        target.orig.view(-1)[position] = bad
+    for sink in dst.dense_gradient_sinks:
+        if sink.value is not None:
+            sink.value.view(-1)[:7] = bad  # non-finite captured gradients
+    caplog.set_level(logging.WARNING, logger="dst_prune")
+    updated = dst.step()
+    assert_invariants(dst, optimizer)
+    assert all(t.active() > 0 for t in dst.targets)
+    if method == "static":
+        assert not updated and not dst.history
+        return
+    assert updated and sum(dst.history[-1]["active"]) == dst.budget
+    assert target.orig.reshape(-1)[position] == 0 and torch.isfinite(target.orig).all()
+    logged = " ".join(r.getMessage() for r in caplog.records)
+    assert "fc1.weight" in logged and "non-finite" in logged
+    if method in GRADIENT_METHODS:
+        assert "dense gradient" in logged
+    if method == "snfs":
+        assert all(torch.isfinite(m).all() for m in dst.algorithm.momentum)
+    train(model, optimizer, dst, 6, start=2)  # and training goes on, finite
+    assert_invariants(dst, optimizer)
+    assert all(torch.isfinite(t.orig).all() for t in dst.targets)
+
+
+def test_rigl_with_a_nan_gradient_keeps_exactly_750_of_7500():
+    """The reported case: one NaN in RigL's captured gradient used to leave 734 of 750 weights active."""
+    model = nn.Sequential(nn.Linear(100, 75, bias=False))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    dst = dst_prune.apply(model, sparsity=0.9, method="rigl", total_steps=100, update_every=1,
+                          dense_stem_and_head=False, optimizer=optimizer)
+    model(torch.randn(8, 100)).sum().backward()
+    dst.dense_gradient_sinks[0].value[5, 7] = float("nan")
+    optimizer.step()
+    assert dst.step()
+    assert dst.targets[0].active() == 750 == dst.budget
+    assert not dst.masks()["0.weight"][5, 7]
+
+
+# --- transactions ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["set", "dsr", "rigl", "snfs", "gmp", "granet"])
+@pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
+def test_an_update_that_fails_halfway_is_undone_exactly(method, error, monkeypatch):
+    model, optimizer, dst = build(method)
+    train(model, optimizer, dst, 3)
+    backward(model, optimizer, 3)
+    optimizer.step()
+    before = full_state(model, optimizer, dst)
+    calls = {"n": 0}
+    real = dst.algorithm.context.set_indices
+
+    def fail_on_the_second_write(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise error("interrupted in the middle of an update")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(dst.algorithm.context, "set_indices", fail_on_the_second_write)
+    assert dst.algorithm.is_update_step(4)
+    with pytest.raises(error):
+        dst.step()
+    assert calls["n"] == 2  # it did write before failing
+    assert_same_state(full_state(model, optimizer, dst), before)
+    monkeypatch.undo()
+    assert dst.step()  # and the same step then goes through
+    assert_invariants(dst, optimizer)
+
+
+def test_dsr_steps_out_of_order_are_refused_and_lose_no_budget():
+    model, optimizer, dst = build("dsr", pruning_threshold=0.3)
+    train(model, optimizer, dst, 1)
+    with pytest.raises(dst_prune.DSTError, match=r"adjust_pruning_threshold\(\) follows prune_by_threshold\(\)"):
+        dst.adjust_pruning_threshold()
+    with pytest.raises(dst_prune.DSTError, match=r"reallocate_free_parameters\(\) follows"):
+        dst.reallocate_free_parameters()
+    freed = dst.prune_by_threshold()
+    assert freed > 0
+    for call in (dst.prune_by_threshold, dst.reparameterize, lambda: dst.state_dict()):
+        with pytest.raises(dst_prune.DSTError, match=r"not regrown yet|Finish the update first"):
+            call()
+    with pytest.raises(dst_prune.DSTError, match=r"follows prune_by_threshold\(\) and adjust_pruning_threshold"):
+        dst.reallocate_free_parameters()
+    dst.adjust_pruning_threshold()
+    with pytest.raises(dst_prune.DSTError, match="once per update"):
+        dst.adjust_pruning_threshold()
+    assert dst.reallocate_free_parameters() == freed
+    assert_invariants(dst, optimizer)
+    train(model, optimizer, dst, 4, start=1)
+    assert_invariants(dst, optimizer)
+
+
+CORRUPTIONS = {
+    "flipped mask byte": lambda s: s["masks"][1].view(-1).__setitem__(0, s["masks"][1].view(-1)[0] ^ 1),
+    "budget": lambda s: s.__setitem__("budget", s["budget"] + 1),
+    "missing schedule": lambda s: s.pop("schedule"),
+    "ever_active length": lambda s: s["ever_active"].__setitem__(0, s["ever_active"][0][:-1]),
+    "step type": lambda s: s.__setitem__("step_count", "7"),
+    "history": lambda s: s.__setitem__("history", None),
+    "dsr threshold": lambda s: s["algorithm"].__setitem__("threshold", float("nan")),
+}
+
+
+@pytest.mark.parametrize("corruption", CORRUPTIONS)
+def test_a_corrupted_controller_state_is_refused_and_changes_nothing(corruption):
+    model, optimizer, dst = build("dsr")
+    train(model, optimizer, dst, 3)
+    state = copy.deepcopy(dst.state_dict())
+    other_model, other_optimizer, other = build("dsr", seed=5)
+    before = full_state(other_model, other_optimizer, other)
+    CORRUPTIONS[corruption](state)
+    with pytest.raises(dst_prune.DSTError):
+        other.load_state_dict(state)
+    assert_same_state(full_state(other_model, other_optimizer, other), before)
+
+
+def test_a_model_state_with_other_mask_counts_is_refused_before_loading():
+    model, optimizer, dst = build("set")
+    denser_model, _, _ = build("set", sparsity=0.5)
+    before = snapshot(model)
+    with pytest.raises(dst_prune.DSTError, match=r"the state dict's masks hold .* but the controller keeps exactly"):
+        model.load_state_dict(dst_prune.pruned_state_dict(denser_model))
+    assert_unchanged(model, before)
+    train(model, optimizer, dst, 4)  # and it trains on
+    assert_invariants(dst, optimizer)
+
+
+def test_masks_written_behind_the_controllers_back_stop_the_next_update_with_a_clear_error():
+    _, _, dst = build("set")
+    with torch.no_grad():
+        dst.targets[0].mask.view(-1)[:] = True
+    with pytest.raises(dst_prune.DSTError, match="masks were loaded or written without the controller state"):
+        dst.reparameterize()
+
+
+def test_bad_schedule_arguments_are_dst_errors():
+    for double_at, message in ((None, "double_at must be a list of positive integers"),
+                               ([100, 0], "double_at must be a positive integer"),
+                               ("100", "double_at must be a list")):
+        with pytest.raises(dst_prune.DSTError, match=message):
+            dst_prune.apply(SmallCNN(), sparsity=0.9, double_at=double_at)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+def test_torchscript_of_the_export_works_as_the_refusal_advises():
+    model = SmallCNN().eval()
+    dst_prune.apply(model, sparsity=0.9)
+    scripted = torch.jit.script(dst_prune.export(model))
+    x, _ = small_cnn_batch()
+    assert torch.equal(scripted(x), model(x))
+    with pytest.raises(dst_prune.DSTError, match=r"torch.jit.script\(dst_prune.export\(model\)\)"):
+        dst_prune.apply(torch.jit.script(SmallCNN()), sparsity=0.9)
