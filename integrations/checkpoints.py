@@ -1,72 +1,161 @@
-"""Atomic checkpoints for accelerate runs, and the training position they resume from.
+"""Checkpoints of a training run that load safely, atomically and exactly.
 
-`save_checkpoint` has every rank write `accelerator.save_state` into a temporary folder, then the main
-process renames it into place and points `latest` at it (a rename and a file replace, both atomic): a
-crash during a save leaves the last good checkpoint and `latest` untouched.
+A checkpoint is a folder `step-XXXXXXX` of plain files:
+
+| file | what | read with |
+| --- | --- | --- |
+| `model.safetensors` | the model's plain state dict (zeros in place; loads into an untouched model) | safetensors |
+| `optimizer.pt` | `optimizer.state_dict()` | `torch.load(weights_only=True)` |
+| `dst.pt` | the controller's `state_dict()` (masks, budget, ...) | `torch.load(weights_only=True)` |
+| `ema.safetensors` | the EMA model's plain state dict, when there is an EMA | safetensors |
+| `scheduler.json`, `progress.json` | the LR schedule's state, the training position | JSON |
+| `rng-rank<i>.pt` | each rank's random generator states (tensors, integers) | `torch.load(weights_only=True)` |
+| `manifest.json` | the step, the world size and the SHA-256 of every other file; written last | JSON |
+
+Nothing is unpickled as objects: a file that holds anything but tensors and plain values is refused
+(accelerate's `save_state`/`load_state`, which unpickle registered objects with `weights_only=False`,
+are not used for that reason). `load_checkpoint` checks the manifest (every file present, every hash
+equal: a truncated, flipped or mixed-in file is named), reads and checks everything against the live
+objects, and only then loads; a refusal changes nothing.
+
+Saving writes a hidden `.partial-*` folder, syncs it to disk, renames it into place (a new name, never
+over an existing folder) and then replaces the `latest` pointer file atomically, so at every moment
+`latest` names a complete checkpoint.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import random
 import shutil
 from pathlib import Path
 
+import numpy as np
+import safetensors
+import safetensors.torch
 import torch
 
-__all__ = ["TrainingProgress", "atomic_torch_save", "find_checkpoint", "save_checkpoint"]
+from dst_prune.errors import DSTError
+from dst_prune.loading import complete_state_dict
+
+__all__ = ["LATEST", "TrainingProgress", "find_checkpoint", "load_checkpoint", "save_checkpoint", "write_atomically"]
 
 LATEST = "latest"
+FORMAT = "dst_prune.checkpoint/1"
 
 
 class TrainingProgress:
-    """Where training is: epoch, batch within the epoch, optimizer steps, micro-batches; checkpointable."""
+    """Where training is: epoch, batch within the epoch, optimizer steps, micro-batches."""
 
     def __init__(self) -> None:
         self.epoch = 0
         self.batch = 0  # batches of `epoch` already consumed
         self.optimizer_steps = 0
         self.micro_batches = 0
+        self.unlogged_losses: list[float] = []  # micro-batch losses since the last logged row
 
     def state_dict(self) -> dict:
-        return dict(vars(self))
+        return {**vars(self), "unlogged_losses": list(self.unlogged_losses)}
+
+    def check(self, state: object) -> None:
+        counters = {k: v for k, v in state.items() if k != "unlogged_losses"} if isinstance(state, dict) else {}
+        if not isinstance(state, dict) or set(state) != set(vars(self)) or \
+                not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in counters.values()) or \
+                not all(isinstance(v, float) for v in state["unlogged_losses"]):
+            raise DSTError(f"progress.json holds {state!r}; expected non-negative integers for {sorted(counters)} "
+                           f"and a list of losses.")
 
     def load_state_dict(self, state: dict) -> None:
-        for key, value in state.items():
-            setattr(self, key, value)
+        self.check(state)
+        vars(self).update(state)
 
 
-def atomic_torch_save(obj: object, path: str | os.PathLike) -> Path:
-    """`torch.save` to a temporary file in the same folder, then rename it over `path`."""
-    path = Path(path)
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomically(path: Path, data: bytes | str) -> None:
+    """Write `path` through a temporary file in the same folder, synced, then renamed over it."""
     temporary = path.with_name(f".{path.name}.partial")
-    torch.save(obj, temporary)
-    os.replace(temporary, path)
-    return path
-
-
-def _write_text_atomically(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.partial")
-    temporary.write_text(text)
+    (temporary.write_text if isinstance(data, str) else temporary.write_bytes)(data)
+    _fsync(temporary)
     os.replace(temporary, path)
 
 
-def save_checkpoint(accelerator, directory: str | os.PathLike, step: int, keep: int = 2) -> Path:
-    """Save the accelerator's state as `directory/step-XXXXXXX` atomically; keep the newest `keep`."""
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _rng_state() -> dict:
+    numpy_state = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+             "python_gauss": random.getstate()[2], "numpy_keys": torch.from_numpy(numpy_state[1].astype(np.int64)),
+             "numpy": [int(numpy_state[2]), int(numpy_state[3]), float(numpy_state[4])]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((3, tuple(state["python"]), state["python_gauss"]))
+    position, has_gauss, cached = state["numpy"]
+    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), position, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(directory: str | os.PathLike, step: int, *, accelerator, model, optimizer, dst, scheduler,
+                    progress: TrainingProgress, ema=None, keep: int = 2) -> Path:
+    """Write the run's state as `directory/step-XXXXXXX` (see the module docstring); keep the newest `keep`.
+
+    Every rank calls it (each writes its RNG state); `model` is the unwrapped model.
+    """
     directory = Path(directory)
-    final = directory / f"step-{step:07d}"
     temporary = directory / f".partial-step-{step:07d}"
-    if accelerator.is_main_process:
+    main = accelerator.is_main_process
+    if main:
         shutil.rmtree(temporary, ignore_errors=True)
-        directory.mkdir(parents=True, exist_ok=True)
+        temporary.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(temporary))
+    torch.save(_rng_state(), temporary / f"rng-rank{accelerator.process_index}.pt")
+    if main:
+        safetensors.torch.save_model(model, str(temporary / "model.safetensors"))
+        torch.save(optimizer.state_dict(), temporary / "optimizer.pt")
+        torch.save(dst.state_dict(), temporary / "dst.pt")
+        if ema is not None:
+            safetensors.torch.save_model(ema.module, str(temporary / "ema.safetensors"))
+        (temporary / "scheduler.json").write_text(json.dumps(scheduler.state_dict()))
+        (temporary / "progress.json").write_text(json.dumps(progress.state_dict()))
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        shutil.rmtree(final, ignore_errors=True)
+    final = directory / f"step-{step:07d}"
+    if main:
+        files = sorted(p for p in temporary.iterdir() if p.is_file())
+        for path in files:
+            _fsync(path)
+        manifest = {"format": FORMAT, "step": step, "world_size": accelerator.num_processes,
+                    "files": {p.name: _sha256(p) for p in files}}
+        write_atomically(temporary / "manifest.json", json.dumps(manifest, indent=1))
+        revision = 1
+        while final.exists():  # never replace a folder that `latest` may name: take the next free name
+            final = directory / f"step-{step:07d}.{revision}"
+            revision += 1
         os.replace(temporary, final)
-        _write_text_atomically(directory / LATEST, final.name)
-        for old in sorted(directory.glob("step-*"))[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+        write_atomically(directory / LATEST, final.name)
+        checkpoints = sorted((p for p in directory.glob("step-*") if p.is_dir()), key=lambda p: p.stat().st_mtime_ns)
+        for old in checkpoints[:-keep] if keep > 0 else []:
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
 
@@ -75,8 +164,91 @@ def find_checkpoint(resume: str, directory: str | os.PathLike) -> Path | None:
     """The checkpoint folder `--resume` names: a path, or `latest` in `directory` (None if there is none)."""
     if resume != LATEST:
         path = Path(resume)
-        if not path.is_dir():
-            raise FileNotFoundError(f"--resume {resume}: no such checkpoint folder")
+        if not (path / "manifest.json").is_file():
+            raise DSTError(f"--resume {resume}: not a checkpoint folder (it has no manifest.json)")
         return path
     pointer = Path(directory) / LATEST
     return Path(directory) / pointer.read_text().strip() if pointer.is_file() else None
+
+
+def _verified(folder: Path, world_size: int) -> dict:
+    """The manifest, after checking that every file it lists is there with its hash."""
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text())
+    except (OSError, ValueError) as error:
+        raise DSTError(f"{folder}/manifest.json cannot be read ({error}): the checkpoint is incomplete.") from None
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or manifest.get("format") != FORMAT:
+        raise DSTError(f"{folder}/manifest.json is not a {FORMAT} manifest.")
+    if manifest.get("world_size") != world_size:
+        raise DSTError(f"{folder} was saved by {manifest.get('world_size')} processes; this run has {world_size}. "
+                       f"Resume with the same number of processes (the data order depends on it).")
+    for name, expected in manifest["files"].items():
+        path = folder / name
+        if not path.is_file() or _sha256(path) != expected:
+            raise DSTError(f"{path} is missing or differs from the checkpoint's manifest (truncated, corrupted or "
+                           f"from another checkpoint); resume from another checkpoint.")
+    return manifest
+
+
+def _torch_file(path: Path) -> object:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise DSTError(f"{path} cannot be read as tensors and plain values ({type(error).__name__}: "
+                       f"{str(error)[:200]}); it is refused.") from None
+
+
+def _safetensors_file(path: Path, module) -> dict:
+    try:
+        state = safetensors.torch.load_file(str(path))
+    except Exception as error:
+        raise DSTError(f"{path} is not a readable safetensors file ({error}).") from None
+    return complete_state_dict(module, state, source=str(path))
+
+
+def _json_file(path: Path) -> object:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise DSTError(f"{path} is not valid JSON ({error}).") from None
+
+
+def load_checkpoint(folder: str | os.PathLike, *, accelerator, model, optimizer, dst, scheduler,
+                    progress: TrainingProgress, ema=None) -> int:
+    """Check the checkpoint in `folder` completely, then load it into the live objects. Returns its step.
+
+    Raises:
+        DSTError: naming the file that is missing, corrupted, of another run or unreadable; nothing is loaded.
+    """
+    folder = Path(folder)
+    manifest = _verified(folder, accelerator.num_processes)
+    model_state = _safetensors_file(folder / "model.safetensors", model)
+    optimizer_state = _torch_file(folder / "optimizer.pt")
+    dst_state = _torch_file(folder / "dst.pt")
+    rng = _torch_file(folder / f"rng-rank{accelerator.process_index}.pt")
+    scheduler_state, progress_state = _json_file(folder / "scheduler.json"), _json_file(folder / "progress.json")
+    ema_state = _safetensors_file(folder / "ema.safetensors", ema.module) if ema is not None else None
+    groups = getattr(optimizer, "param_groups", [])
+    saved_groups = optimizer_state.get("param_groups") if isinstance(optimizer_state, dict) else None
+    if not isinstance(saved_groups, list) or [len(g.get("params", ())) for g in saved_groups] != \
+            [len(g["params"]) for g in groups]:
+        raise DSTError(f"{folder / 'optimizer.pt'} is the state of another optimizer (other parameter groups).")
+    if not isinstance(rng, dict) or not {"torch", "python", "numpy"} <= set(rng):
+        raise DSTError(f"{folder}/rng-rank{accelerator.process_index}.pt holds no random number generator state.")
+    progress.check(progress_state)
+    if not isinstance(scheduler_state, dict) or set(scheduler_state) != set(scheduler.state_dict()):
+        raise DSTError(f"{folder / 'scheduler.json'} is not the state of this run's LR schedule.")
+    dst.check_state_dict(dst_state)
+    dst.check_weights(model_state, dst_state)
+    # everything checked: load
+    model.load_state_dict(model_state)
+    dst.load_state_dict(dst_state)
+    optimizer.load_state_dict(optimizer_state)
+    scheduler.load_state_dict(scheduler_state)
+    progress.load_state_dict(progress_state)
+    if ema is not None:
+        ema.module.load_state_dict(ema_state)
+        dst.sync_copies()
+    _set_rng_state(rng)
+    return manifest["step"]

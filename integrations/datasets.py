@@ -15,9 +15,13 @@ A `.zip` (such as the CIFAR-10 JPEG set) is extracted once into `~/.cache/dst_pr
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
+import shutil
+import time
+import uuid
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,17 +51,41 @@ class DatasetInfo:
 
 
 def _extract(archive: Path) -> Path:
-    """Extract `archive` once into the cache and return the folder holding `train/`."""
+    """Extract `archive` once into the cache and return the folder holding `train/`.
+
+    Safe with several ranks extracting at once and after a crash: each extracts into a folder of its own
+    (`<target>.partial-<pid>-<random>`), marks it complete, and renames it to the target; a rank that finds
+    the target already there (another won the race) drops its copy. Leftover partial folders of crashed
+    runs are ignored (and removed when they are older than a day); a target without its marker (from an
+    interrupted older version) is moved aside and extracted again.
+    """
     cache = Path(os.environ.get("DST_PRUNE_CACHE", Path.home() / ".cache" / "dst_prune"))
     key = hashlib.sha1(f"{archive.resolve()}:{archive.stat().st_size}".encode()).hexdigest()[:12]
     target = cache / f"{archive.stem}-{key}"
+    if target.is_dir() and not (target / ".complete").exists():
+        stale = target.with_name(f"{target.name}.stale-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        with contextlib.suppress(OSError):
+            os.replace(target, stale)
+            shutil.rmtree(stale, ignore_errors=True)
     if not (target / ".complete").exists():
-        partial = target.with_name(target.name + ".partial")
-        with zipfile.ZipFile(archive) as zf:
-            zf.extractall(partial)
-        os.replace(partial, target)
-        (target / ".complete").touch()
-    found = [p.parent for p in target.rglob("train") if p.is_dir()]
+        cache.mkdir(parents=True, exist_ok=True)
+        for old in cache.glob(f"{target.name}.partial-*"):
+            with contextlib.suppress(OSError):
+                if time.time() - old.stat().st_mtime > 86400:
+                    shutil.rmtree(old, ignore_errors=True)
+        partial = target.with_name(f"{target.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        try:
+            with zipfile.ZipFile(archive) as zf:
+                zf.extractall(partial)
+            (partial / ".complete").touch()
+            try:
+                os.rename(partial, target)
+            except OSError:  # another process renamed its copy first
+                if not (target / ".complete").exists():
+                    raise
+        finally:
+            shutil.rmtree(partial, ignore_errors=True)
+    found = sorted(p.parent for p in target.rglob("train") if p.is_dir())
     if not found:
         raise FileNotFoundError(f"{archive} has no train/ folder")
     return found[0]

@@ -6,106 +6,39 @@
 
 Masks agree on every rank by construction (checked with --check-sync), reallocation counts optimizer
 steps (not micro-batches, not fp16-skipped steps), and a run resumed from any checkpoint (--resume)
-ends exactly where the uninterrupted run does. See the README's "Training script" section.
+ends bitwise where the uninterrupted run does. Checkpoints hold only tensors and plain values
+(`dst_prune.integrations.checkpoints`). The flags are in `train_args.py`.
 """
 
 from __future__ import annotations
 
 import argparse
-import ast
 import contextlib
-import copy
+import datetime
 import json
 import logging
 import math
+import sys
 import time
-from pathlib import Path
 
+import safetensors.torch
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, InitProcessGroupKwargs
+from accelerate.utils import set_seed
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
+from train_args import parse_args
 
 import dst_prune
 from dst_prune.distributed import mask_digest
-from dst_prune.integrations.checkpoints import TrainingProgress, atomic_torch_save, find_checkpoint, save_checkpoint
+from dst_prune.integrations.checkpoints import TrainingProgress, find_checkpoint, load_checkpoint, save_checkpoint
 from dst_prune.integrations.data import resolve_data_root
-from dst_prune.integrations.datasets import DATASETS, ShardedEpochSampler, build_datasets
+from dst_prune.integrations.datasets import ShardedEpochSampler, build_datasets
 from dst_prune.integrations.models import create_model
 from dst_prune.integrations.run_log import RunLog
 
 logger = logging.getLogger("train")
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="lenet_300_100", help="timm name, tv:<torchvision name>, or lenet_300_100")
-    p.add_argument("--pretrained", action="store_true", help="start from pretrained weights (from local caches)")
-    p.add_argument("--model-kwargs", action="append", default=[], metavar="KEY=VALUE",
-                   help="passed to the model's constructor, e.g. --model-kwargs sb_mode=structured")
-    p.add_argument("--dataset", default="digits", choices=DATASETS)
-    p.add_argument("--data", default=None, help="data root (default: $DATAPATH, else DATAPATH= in .env)")
-    p.add_argument("--img-size", type=int, default=None)
-    p.add_argument("--num-classes", type=int, default=None, help="synthetic data only")
-    p.add_argument("--train-subset", type=int, default=None, help="use N training samples (a seeded random subset)")
-    p.add_argument("--val-subset", type=int, default=None, help="use N validation samples (a seeded random subset)")
-    g = p.add_argument_group("sparsity")
-    g.add_argument("--sparsity", type=float, default=0.9)
-    g.add_argument("--method", default="dsr", choices=dst_prune.list_methods())
-    g.add_argument("--distribution", default="uniform", choices=["uniform", "er", "erk", "global"])
-    g.add_argument("--init", default="magnitude", choices=["magnitude", "random"])
-    g.add_argument("--sparse-stem-and-head", action="store_true", help="make the stem and classifier sparse too")
-    g.add_argument("--exclude", nargs="*", default=None, help="parameter names (or .-suffixes) to keep dense")
-    g.add_argument("--update-every", type=int, default=100, help="optimizer steps between reallocations")
-    g.add_argument("--double-at-epochs", type=float, nargs="*", default=(), help="epochs where the period doubles")
-    g.add_argument("--stop-epoch", type=float, default=None, help="no reallocation from this epoch on")
-    g.add_argument("--stop-fraction", type=float, default=None, help="... or from this fraction of training")
-    g.add_argument("--hp", action="append", default=[], metavar="KEY=VALUE",
-                   help="a hyperparameter of the method, e.g. --hp drop_fraction=0.3 --hp decay=cosine")
-    g.add_argument("--check-sync", action="store_true", help="compare a mask digest across ranks at every update")
-    o = p.add_argument_group("optimization")
-    o.add_argument("--epochs", type=float, default=30)
-    o.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
-    o.add_argument("--batch-size", type=int, default=32, help="per process and micro-batch")
-    o.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    o.add_argument("--optimizer", default="sgd", choices=["sgd", "adam", "adamw"])
-    o.add_argument("--lr", type=float, default=0.1)
-    o.add_argument("--momentum", type=float, default=0.9)
-    o.add_argument("--nesterov", action="store_true")
-    o.add_argument("--weight-decay", type=float, default=5e-4)
-    o.add_argument("--lr-schedule", default="cosine", choices=["cosine", "step", "constant"])
-    o.add_argument("--milestones", type=float, nargs="*", default=(), help="epochs where a step schedule decays")
-    o.add_argument("--gamma", type=float, default=0.2, help="decay factor of the step schedule")
-    o.add_argument("--warmup-steps", type=int, default=0)
-    o.add_argument("--clip-grad", type=float, default=None)
-    o.add_argument("--ema", type=float, default=0.0, help="timm ModelEmaV3 decay (0: no EMA)")
-    r = p.add_argument_group("run")
-    r.add_argument("--output-dir", type=Path, default=None)
-    r.add_argument("--resume", default=None, help="'latest' or a checkpoint folder")
-    r.add_argument("--checkpoint-every", type=int, default=None, help="optimizer steps (default: every epoch)")
-    r.add_argument("--keep-checkpoints", type=int, default=2)
-    r.add_argument("--log-every", type=int, default=20)
-    r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--cpu", action="store_true", help="run on the CPU (gloo for multi-process)")
-    r.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"])
-    r.add_argument("--channels-last", action="store_true")
-    r.add_argument("--compile", action="store_true", help="torch.compile the model")
-    r.add_argument("--workers", type=int, default=0, help="data-loading processes")
-    args = p.parse_args(argv)
-    args.hyperparameters = {k: _literal(v) for k, v in (item.split("=", 1) for item in args.hp)}
-    args.model_arguments = {k: _literal(v) for k, v in (item.split("=", 1) for item in args.model_kwargs)}
-    if args.output_dir is None:
-        args.output_dir = Path("runs") / f"{args.dataset}-{args.model.replace(':', '_')}-{args.method}-{args.sparsity}"
-    return args
-
-
-def _literal(text: str) -> object:
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
 
 
 def subset(dataset, size: int | None, seed: int):
@@ -157,13 +90,36 @@ def evaluate(model: nn.Module, dataset, accelerator: Accelerator, args: argparse
     return {"val_loss": float(totals[0] / totals[2]), "val_accuracy": float(totals[1] / totals[2])}
 
 
+def _accelerator(args) -> Accelerator:
+    """On the CPU when asked or when there is no GPU; collectives time out after --dist-timeout seconds."""
+    cpu = args.cpu or not torch.cuda.is_available()
+    timeout = InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=args.dist_timeout))
+    return Accelerator(cpu=cpu, mixed_precision=args.mixed_precision, kwargs_handlers=[timeout])
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    accelerator = Accelerator(cpu=args.cpu, mixed_precision=args.mixed_precision)
+    accelerator = _accelerator(args)
     logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("accelerate").setLevel(logging.WARNING)
-    torch.manual_seed(args.seed)  # the same initial weights on every rank
+    try:
+        return train(args, accelerator)
+    except (RuntimeError, torch.distributed.DistBackendError) as error:
+        if "timed out" not in str(error).lower() and "timeout" not in str(error).lower():
+            raise
+        logger.error("rank %d: another rank did not answer within --dist-timeout=%g s (it stopped, hung or crashed); "
+                     "stopping this run. Resume it with --resume latest.", accelerator.process_index, args.dist_timeout)
+        sys.exit(3)
+
+
+def train(args, accelerator: Accelerator) -> dict:
+    checkpoints = args.output_dir / "checkpoints"
+    checkpoint = find_checkpoint(args.resume, checkpoints) if args.resume else None
+    if checkpoint is None and not args.overwrite and (checkpoints / "latest").is_file():
+        raise SystemExit(f"{args.output_dir} holds checkpoints of an earlier run: pass --resume latest to continue it, "
+                         f"--overwrite to start afresh there, or another --output-dir.")
+    set_seed(args.seed)  # torch, numpy, random: the same initial weights on every rank
     info = build_datasets(args.dataset, resolve_data_root(args.data), img_size=args.img_size,
                           num_classes=args.num_classes)
     train_set, val_set = subset(info.train, args.train_subset, args.seed), subset(info.val, args.val_subset, args.seed)
@@ -174,8 +130,9 @@ def main(argv: list[str] | None = None) -> dict:
     steps_per_epoch = sampler.batches_per_epoch / args.grad_accum
     total_steps = args.max_steps or max(1, math.floor(args.epochs * steps_per_epoch))
 
-    model = create_model(args.model, num_classes=info.num_classes, in_chans=info.in_chans, img_size=info.img_size,
-                         pretrained=args.pretrained, **args.model_arguments)
+    model_arguments = {"num_classes": info.num_classes, "in_chans": info.in_chans, "img_size": info.img_size,
+                       **args.model_arguments}
+    model = create_model(args.model, pretrained=args.pretrained, **model_arguments)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(args, model)
@@ -200,24 +157,30 @@ def main(argv: list[str] | None = None) -> dict:
         from timm.utils import ModelEmaV3
 
         ema = ModelEmaV3(raw_model, decay=args.ema)
-    for obj in (dst, progress, scheduler, *([ema] if ema else [])):
-        accelerator.register_for_checkpointing(obj)
-
-    run_log = RunLog(args.output_dir, enabled=accelerator.is_main_process)
-    checkpoints = args.output_dir / "checkpoints"
-    checkpoint = find_checkpoint(args.resume, checkpoints) if args.resume else None
+        dst.add_copy(ema.module)  # the EMA's masks follow the model's after every update
+    state = {"accelerator": accelerator, "model": raw_model, "optimizer": optimizer, "dst": dst,
+             "scheduler": scheduler, "progress": progress, "ema": ema}
     if checkpoint is not None:
-        accelerator.load_state(str(checkpoint))
-        run_log.truncate_after(progress.optimizer_steps)
+        load_checkpoint(checkpoint, **state)
         logger.info("resumed from %s at epoch %d, batch %d, step %d", checkpoint, progress.epoch, progress.batch,
                     progress.optimizer_steps)
+    run_log = RunLog(args.output_dir, enabled=accelerator.is_main_process,
+                     resume_step=progress.optimizer_steps if checkpoint is not None else None)
+    saved_at = [progress.optimizer_steps if checkpoint is not None else None]
+
+    def save() -> None:
+        progress.unlogged_losses = [float(v) for v in running]  # so a resumed run logs the same rows
+        save_checkpoint(checkpoints, progress.optimizer_steps, keep=args.keep_checkpoints, **state)
+        saved_at[0] = progress.optimizer_steps
+
     logger.info("%s on %s: %d tensors sparse at %.4f (%s, %s), %d optimizer steps of %d x %d x %d samples",
                 args.model, args.dataset, len(dst.targets), dst.sparsity, args.method, args.distribution,
                 total_steps, args.batch_size, args.grad_accum, accelerator.num_processes)
 
-    start, running = time.perf_counter(), []
+    start = time.perf_counter()
+    running = [torch.tensor(v, device=accelerator.device) for v in progress.unlogged_losses]
     bar = tqdm(total=total_steps, initial=progress.optimizer_steps, disable=not accelerator.is_main_process,
-               desc="train", unit="step", dynamic_ncols=True)
+               desc="train", unit="step", dynamic_ncols=True, file=sys.stderr)
     while progress.optimizer_steps < total_steps:
         sampler.set_epoch(progress.epoch, skip_batches=progress.batch)
         for x, y in loader:
@@ -255,7 +218,7 @@ def main(argv: list[str] | None = None) -> dict:
                 run_log.log("train", progress.optimizer_steps, values)
                 bar.set_postfix(loss=f"{values['loss']:.3f}", sparsity=f"{values['sparsity']:.4f}")
             if args.checkpoint_every and progress.optimizer_steps % args.checkpoint_every == 0:
-                save_checkpoint(accelerator, checkpoints, progress.optimizer_steps, args.keep_checkpoints)
+                save()
             if progress.optimizer_steps >= total_steps:
                 break
         else:  # the epoch ended
@@ -263,18 +226,21 @@ def main(argv: list[str] | None = None) -> dict:
             run_log.log("val", progress.optimizer_steps, {"epoch": progress.epoch,
                                                             **evaluate(model, val_set, accelerator, args)})
             if not args.checkpoint_every:
-                save_checkpoint(accelerator, checkpoints, progress.optimizer_steps, args.keep_checkpoints)
+                save()
     bar.close()
-    return finish(args, accelerator, model, raw_model, dst, ema, val_set, progress, run_log, start)
+    if saved_at[0] != progress.optimizer_steps:
+        save()  # the final state, unless the loop just saved it
+    return finish(args, accelerator, model, raw_model, dst, ema, val_set, progress, run_log, start, model_arguments)
 
 
-def finish(args, accelerator, model, raw_model, dst, ema, val_set, progress, run_log, start) -> dict:
-    """Final checkpoint, evaluation, tables, plots and the sparse and dense model files."""
-    save_checkpoint(accelerator, args.output_dir / "checkpoints", progress.optimizer_steps, args.keep_checkpoints)
+def finish(args, accelerator, model, raw_model, dst, ema, val_set, progress, run_log, start,
+           model_arguments: dict) -> dict:
+    """Final evaluation, tables, plots, and the model files: plain weights and the controller's state."""
     summary = {"steps": progress.optimizer_steps, "updates": dst.update_index, "sparsity": dst.sparsity,
                "seconds": time.perf_counter() - start, **evaluate(model, val_set, accelerator, args)}
     if ema is not None:
         summary["ema_val_accuracy"] = evaluate(ema.module, val_set, accelerator, args)["val_accuracy"]
+    summary["model"] = {"name": args.model, **model_arguments}  # what create_model needs to rebuild it
     ranks = args.output_dir / "ranks"
     ranks.mkdir(parents=True, exist_ok=True)
     weights = float(sum(p.detach().double().abs().sum() for p in raw_model.parameters()))
@@ -288,9 +254,8 @@ def finish(args, accelerator, model, raw_model, dst, ema, val_set, progress, run
         if dst.history:
             dst.save_history(out / "history.csv")
             dst.plot_history(out / "density.png")
-        atomic_torch_save(raw_model.state_dict(), out / "model_sparse.pt")
-        dense = dst_prune.remove(copy.deepcopy(raw_model))
-        atomic_torch_save(dense.state_dict(), out / "model_dense.pt")
+        safetensors.torch.save_model(raw_model, str(out / "model.safetensors"))  # plain: loads anywhere
+        torch.save(dst.state_dict(), out / "dst_state.pt")  # the masks, for dst_prune.load_sparse_state_dict
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
         print(dst.sum_table)
         print(dst.stats_table)

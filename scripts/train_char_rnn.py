@@ -20,13 +20,13 @@ import math
 import time
 from pathlib import Path
 
+import safetensors.torch
 import torch
 from accelerate import Accelerator
 from torch import nn
 from tqdm import tqdm
 
 import dst_prune
-from dst_prune.integrations.checkpoints import atomic_torch_save
 from dst_prune.integrations.data import resolve_data_root
 from dst_prune.models import CharRNN
 
@@ -153,7 +153,8 @@ def main(argv: list[str] | None = None) -> dict:
         if dst.history:
             dst.save_history(out / "history.csv")
             dst.plot_history(out / "density.png")
-        atomic_torch_save(accelerator.unwrap_model(model).state_dict(), out / "model_sparse.pt")
+        safetensors.torch.save_model(accelerator.unwrap_model(model), str(out / "model.safetensors"))
+        torch.save(dst.state_dict(), out / "dst_state.pt")
         (out / "summary.json").write_text(json.dumps({**summary, "vocabulary": "".join(vocab)}, indent=1))
         print(dst.sum_table)
         print(dst.stats_table)
