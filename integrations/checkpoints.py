@@ -173,6 +173,10 @@ def find_checkpoint(resume: str, directory: str | os.PathLike) -> Path | None:
 
 def _verified(folder: Path, world_size: int) -> dict:
     """The manifest, after checking that every file it lists is there with its hash."""
+    if not (folder / "manifest.json").exists() and any(folder.glob("custom_checkpoint_*.pkl")):
+        raise DSTError(f"{folder} is a checkpoint of dst_prune 0.1, whose state files are pickles; they are never "
+                       f"loaded (unpickling can run code). Start a fresh run, or load its model weights alone with "
+                       f"dst_prune.load_sparse_state_dict(model, state_dict, masks='nonzero').")
     try:
         manifest = json.loads((folder / "manifest.json").read_text())
     except (OSError, ValueError) as error:

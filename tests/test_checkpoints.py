@@ -214,3 +214,14 @@ def test_keep_retains_the_newest_checkpoints(tmp_path):
         run.train(1)
         save_checkpoint(tmp_path, step, keep=2, **run.objects)
     assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-0000003", "step-0000004"]
+
+
+def test_a_pickled_checkpoint_of_version_0_1_is_refused_unread(tmp_path):
+    marker = tmp_path / "payload-ran"
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "custom_checkpoint_0.pkl").write_bytes(pickle.dumps(Payload(marker)))
+    run = Run(seed=3)
+    with pytest.raises(dst_prune.DSTError, match=r"checkpoint of dst_prune 0\.1, whose state files are pickles"):
+        load_checkpoint(old, **run.objects)
+    assert not marker.exists()

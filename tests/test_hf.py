@@ -99,6 +99,27 @@ def test_tied_weights_keep_their_clear_refusal():
         dst_prune.apply(gpt2(), sparsity=0.9, include=["lm_head.weight"])
 
 
+
+def test_load_sparse_state_dict_takes_save_pretrained_output_without_tied_duplicates(tmp_path):
+    from safetensors.torch import load_file
+
+    model = gpt2()
+    dst = dst_prune.apply(model, sparsity=0.9)
+    with torch.no_grad():
+        for target in dst.targets:  # a trained-looking model: no active weight at zero
+            target.module.weight_orig.add_(0.01)
+    model.save_pretrained(tmp_path / "saved")
+    saved = load_file(tmp_path / "saved" / "model.safetensors")
+    assert "lm_head.weight" not in saved and "transformer.wte.weight" in saved  # the tied head is left out
+    fresh = gpt2()
+    with torch.no_grad():
+        fresh.transformer.wte.weight.zero_()
+    loaded = dst_prune.load_sparse_state_dict(fresh, saved, masks=dst.state_dict())
+    assert loaded.budget == dst.budget
+    ids = torch.randint(0, VOCAB, (2, 16))
+    assert torch.equal(fresh.eval()(ids).logits, model.eval()(ids).logits)
+    assert fresh.lm_head.weight is fresh.transformer.wte.weight  # still tied, to the checkpoint's embedding
+
 @pytest.mark.slow
 def test_trainer_run_is_exact_loads_with_from_pretrained_and_resumes_bitwise(tmp_path):
     straight_model, callback = gpt2(), DSTCallback(sparsity=0.9, method="rigl", update_every=2)

@@ -30,7 +30,7 @@ class Script:
     def __init__(self, folder, seed: int = 0, resume: str = "") -> None:
         folder.mkdir(exist_ok=True)
         torch.manual_seed(seed)
-        self.model = timm.create_model("resnet18", num_classes=10, pretrained=False)
+        self.model = timm.create_model("test_resnet", num_classes=10, pretrained=False)
         self.optimizer = create_optimizer_v2(self.model, "sgd", lr=0.05, momentum=0.9, weight_decay=1e-4)
         self.dst = dst_timm.apply(self.model, optimizer=self.optimizer, epochs=EPOCHS, updates_per_epoch=UPDATES,
                                   sparsity=0.9, method="rigl", update_every=2)
@@ -41,7 +41,7 @@ class Script:
             load_checkpoint(self.model_ema.module, resume, use_ema=True)
         dst_timm.track_ema(self.dst, self.model_ema)
         self.saver = dst_timm.SparseCheckpointSaver(
-            self.dst, model=self.model, optimizer=self.optimizer, args=argparse.Namespace(model="resnet18"),
+            self.dst, model=self.model, optimizer=self.optimizer, args=argparse.Namespace(model="test_resnet"),
             model_ema=self.model_ema, checkpoint_dir=str(folder), recovery_dir=str(folder), max_history=5)
 
     def train(self, epochs: range) -> None:
@@ -78,22 +78,22 @@ def test_timm_script_patch_trains_checkpoints_and_resumes_exactly(tmp_path):
 
     # timm's own loaders read the checkpoint into an untouched model (validate.py's path: the EMA by default)
     x = torch.randn(2, 3, 32, 32)
-    untouched = timm.create_model("resnet18", num_classes=10, checkpoint_path=str(tmp_path / "run" / "last.pth.tar"))
+    untouched = timm.create_model("test_resnet", num_classes=10, checkpoint_path=str(tmp_path / "run" / "last.pth.tar"))
     assert not dst_prune.is_sparse(untouched)
     assert torch.equal(untouched.eval()(x), resumed.model_ema.module.eval()(x))
-    plain = timm.create_model("resnet18", num_classes=10)
+    plain = timm.create_model("test_resnet", num_classes=10)
     load_checkpoint(plain, str(tmp_path / "run" / "last.pth.tar"), use_ema=False, strict=True)
     assert torch.equal(plain.eval()(x), resumed.model.eval()(x))
 
 
 def test_ordering_mistakes_are_clear_errors(tmp_path):
-    model = timm.create_model("resnet18", num_classes=10)
+    model = timm.create_model("test_resnet", num_classes=10)
     early_ema = ModelEmaV3(model)  # created before apply: a dense copy
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     dst = dst_timm.apply(model, optimizer=optimizer, epochs=1, updates_per_epoch=10, sparsity=0.9)
     with pytest.raises(dst_prune.DSTError, match=r"create ModelEmaV3\(model\) after dst_timm.apply"):
         dst_timm.track_ema(dst, early_ema)
-    dense = timm.create_model("resnet18", num_classes=10)
+    dense = timm.create_model("test_resnet", num_classes=10)
     saver = CheckpointSaver(dense, torch.optim.SGD(dense.parameters(), lr=0.1), checkpoint_dir=str(tmp_path),
                             recovery_dir=str(tmp_path))
     saver.save_checkpoint(0, metric=0.0)
