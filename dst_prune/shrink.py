@@ -168,6 +168,10 @@ def _plan(graph: fx.Graph, modules: dict[str, nn.Module], pruned: dict[str, torc
         steps, consumer_node, constants, preserved = chain
         if not preserved:  # a padded average pool: only channels that are exactly 0 can go
             removed = removed & (constants == 0)
+            if not bool(removed.any()):
+                logger.info("shrink export: %s keeps its pruned channels: their constant output passes a padded "
+                            "average pool, which changes it at the borders", name)
+                continue
         if bool(removed.all()):
             removed = removed.clone()
             removed[0] = False  # keep one channel: no layer of width 0
