@@ -188,7 +188,8 @@ def test_state_dict_round_trip_rebuilds_the_kernel_indices():
 @pytest.mark.slow
 def test_condensed_benchmark_smoke(tmp_path):
     command = [sys.executable, str(ROOT / "benchmarks" / "condensed.py"), "--width", "256", "--vit-img-size", "32",
-               "--batches", "1", "4", "--sparsities", "0.9", "--repeats", "2", "--output-dir", str(tmp_path)]
+               "--vit-depth", "2", "--batches", "1", "4", "--sparsities", "0.9", "--repeats", "2", "--threads", "1",
+               "--output-dir", str(tmp_path)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "condensed.json").read_text())

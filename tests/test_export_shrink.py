@@ -186,8 +186,9 @@ def test_other_refusals():
 
 @pytest.mark.slow
 def test_shrink_benchmark_smoke(tmp_path):
-    command = [sys.executable, str(ROOT / "benchmarks" / "shrink.py"), "--width", "128", "--image-size", "16",
-               "--batches", "1", "--sparsities", "0.5", "--repeats", "2", "--output-dir", str(tmp_path)]
+    command = [sys.executable, str(ROOT / "benchmarks" / "shrink.py"), "--width", "128", "--cnn-base", "16",
+               "--image-size", "16", "--batches", "1", "--sparsities", "0.5", "--repeats", "2", "--threads", "1",
+               "--output-dir", str(tmp_path)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "shrink.json").read_text())
