@@ -43,7 +43,8 @@ class CondensedLinear(nn.Module):
     where `torch.sparse_csr` with its default int64 indices gives 1.2x) and `embedding_bag` with
     `per_sample_weights`, where the bags are the rows and the table is `x^T` (6x dense at 90% for 32 rows,
     but 2-5x slower than CSR for one row). So the forward runs CSR below `CSR_BELOW_ROWS` input rows
-    and `embedding_bag` from there on (and for dtypes MKL does not take, e.g. bfloat16). Both read the
+    and `embedding_bag` from there on, for dtypes MKL does not take (bfloat16) and on other devices (not
+    measured: no GPU was at hand). Both read the
     same int32 copy of `indices` (non-persistent, rebuilt on load) and `weight` itself, without copies.
     """
 
@@ -98,7 +99,7 @@ class CondensedLinear(nn.Module):
         bias = None
         if self.bias is not None:
             bias = self.bias if self._all_rows else self.bias[self.rows]
-        use_csr = n < CSR_BELOW_ROWS and (xt.device.type != "cpu" or xt.dtype in (torch.float32, torch.float64))
+        use_csr = n < CSR_BELOW_ROWS and xt.device.type == "cpu" and xt.dtype in (torch.float32, torch.float64)
         if use_csr:
             matrix = self._csr()
             if n == 1:  # the matrix-vector kernel: about 1.7x faster than a one-column matrix product

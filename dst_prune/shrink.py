@@ -151,7 +151,8 @@ def _plan(graph: fx.Graph, modules: dict[str, nn.Module], pruned: dict[str, torc
     for name, removed in pruned.items():
         producer = modules[name]
         if len(calls.get(name, [])) != 1:
-            problems.append(f"{name} is called {len(calls.get(name, []))} times in the traced forward")
+            problems.append(f"{name} is called {len(calls.get(name, []))} times in the traced forward (shrink "
+                            f"follows layers called once; a parent that reads its weight calls it 0 times)")
             continue
         if isinstance(producer, nn.Conv2d) and producer.groups != 1:
             problems.append(f"{name} is a grouped conv (groups={producer.groups}): its channels are tied to its inputs")
@@ -202,7 +203,8 @@ def _plan(graph: fx.Graph, modules: dict[str, nn.Module], pruned: dict[str, torc
         else:
             entry["offset"] = offset
     if problems:
-        raise DSTError("format='shrink' cannot remove the pruned channels of: " + "; ".join(problems[:6])
+        more = f" and {len(problems) - 6} more" if len(problems) > 6 else ""
+        raise DSTError("format='shrink' cannot remove the pruned channels of: " + "; ".join(problems[:6]) + more
                        + ". It shrinks chains Linear/Conv2d -> BatchNorm/activation/dropout/pool/flatten -> "
                        "Linear/Conv2d (MLPs and plain CNNs); residual additions and concatenations tie channels "
                        "across layers. Keep those layers dense while training (exclude=[...]), or export with "
@@ -215,7 +217,7 @@ def _rebuilt(module: nn.Module, entry: dict) -> nn.Module:
     if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
         keep = entry["keep"]
         new = type(module)(len(keep), module.eps, module.momentum, module.affine, module.track_running_stats,
-                           device=module.weight.device if module.affine else None)
+                           device=module.running_mean.device, dtype=module.running_mean.dtype)
         with torch.no_grad():
             for key, tensor in module.state_dict().items():
                 getattr(new, key).copy_(tensor if tensor.ndim == 0 else tensor[keep])
