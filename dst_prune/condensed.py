@@ -19,13 +19,15 @@ from .errors import DSTError
 from .masking import DSTMask, direct_readers
 from .targets import TargetSpec
 
-__all__ = ["CSR_BELOW_ROWS", "CondensedLinear", "condense", "constant_fan_in", "refuse_if_empty"]
+__all__ = ["BLOCK_ELEMENTS", "CSR_BELOW_ROWS", "CondensedLinear", "condense", "constant_fan_in", "refuse_if_empty"]
 
 logger = logging.getLogger(__name__)
 
 # Below this many input rows (batch x positions) the product runs as a CSR matrix-vector product, from
 # this many on as an `embedding_bag`; where they cross on a 2-thread x86 CPU (4096 x 4096 at 90-99%).
 CSR_BELOW_ROWS = 16
+# `embedding_bag` runs over blocks of input rows whose table (`in_features x rows`) holds about this many elements.
+BLOCK_ELEMENTS = 131072
 
 
 class CondensedLinear(nn.Module):
@@ -93,6 +95,19 @@ class CondensedLinear(nn.Module):
         return torch.sparse_csr_tensor(self._crow, self._columns.view(-1), self.weight.view(-1),
                                        (len(self.rows), self.in_features), check_invariants=False)
 
+    def _bags(self, xt: torch.Tensor) -> torch.Tensor:
+        """`embedding_bag` over blocks of `BLOCK_ELEMENTS // in_features` (at least 32) input rows at a time, so
+        that the table `x^T` of a block stays in cache while every bag reads its `fan_in` rows of it."""
+        n, block = xt.shape[1], max(32, BLOCK_ELEMENTS // self.in_features)
+        if n <= block:
+            return nn.functional.embedding_bag(self._columns, xt.contiguous(), mode="sum",
+                                               per_sample_weights=self.weight)
+        out = xt.new_empty(len(self.rows), n)
+        for start in range(0, n, block):
+            out[:, start:start + block] = nn.functional.embedding_bag(
+                self._columns, xt[:, start:start + block].contiguous(), mode="sum", per_sample_weights=self.weight)
+        return out
+
     def transposed_product(self, xt: torch.Tensor) -> torch.Tensor:
         """`W_dense @ xt + b` for `xt` `[in_features, rows]`: `[out_features, rows]`."""
         n = xt.shape[1]
@@ -108,8 +123,7 @@ class CondensedLinear(nn.Module):
             else:
                 product = matrix @ xt if bias is None else torch.addmm(bias.unsqueeze(1), matrix, xt)
         else:
-            product = nn.functional.embedding_bag(self._columns, xt.contiguous(), mode="sum",
-                                                  per_sample_weights=self.weight)
+            product = self._bags(xt)
             if bias is not None:
                 product = product.add_(bias.unsqueeze(1))
         if self._all_rows:

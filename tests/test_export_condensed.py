@@ -60,7 +60,8 @@ def test_condensed_mlp_matches_the_sparse_model_on_both_kernels(bias):
     assert all((m.bias is not None) == bias for m in layers)
     assert not exported.training and not any(p.requires_grad for p in exported.parameters())
     model.eval()
-    for shape in [(1, 64), (CSR_BELOW_ROWS - 1, 64), (CSR_BELOW_ROWS, 64), (3, 7, 64)]:  # CSR and embedding_bag
+    # CSR (one row, a few), embedding_bag in one block, and over blocks of BLOCK_ELEMENTS // in_features rows
+    for shape in [(1, 64), (CSR_BELOW_ROWS - 1, 64), (CSR_BELOW_ROWS, 64), (3, 7, 64), (3, 700, 64)]:
         x = torch.randn(shape)
         torch.testing.assert_close(exported(x), model(x), rtol=1e-5, atol=1e-5)
     assert_unchanged(model, before)
