@@ -190,3 +190,28 @@ def table(columns: list[str], rows: list[list]) -> PrettyTable:
     result.align[columns[0]] = "l"
     result.add_rows(rows)
     return result
+
+
+def interleaved(fns: dict[str, Callable[..., object]], x: object, repeats: int,
+                warmup: int = 2) -> dict[str, list[float]]:
+    """Seconds per call `fn(x)` of each `fns` entry, in `repeats` rounds that call every entry once, in an order
+    that rotates every round (so that drift in the machine's load hits every entry alike)."""
+    names = list(fns)
+    with torch.inference_mode():
+        for _ in range(warmup):
+            for fn in fns.values():
+                fn(x)
+        samples: dict[str, list[float]] = {n: [] for n in names}
+        for round_ in range(repeats):
+            for name in names[round_ % len(names):] + names[:round_ % len(names)]:
+                start = time.perf_counter()
+                fns[name](x)
+                samples[name].append(time.perf_counter() - start)
+    return samples
+
+
+def write_markdown(path: Path, title: str, columns: list[str], rows: list[list]) -> None:
+    lines = [f"{title}\n", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
