@@ -3,7 +3,8 @@
 On CPU the peak resident set of the step is read from the kernel (`/proc/self/status` VmHWM, reset just
 before the step through `/proc/self/clear_refs`); on CUDA, `torch.cuda.max_memory_allocated` of the step after
 `torch.cuda.reset_peak_memory_stats` (what the tensors of the model, the optimizer and the step hold at the peak;
-the caching allocator's reserve is reported beside it).
+the caching allocator's reserve is reported beside it). Each process measures only itself, so `--parallel 2` runs
+two at a time (on a GPU, as long as two steps fit in its memory).
 
     python benchmarks/memory.py
     python benchmarks/memory.py --device cuda --autocast bf16 --models resnet50 --batch 256 --image-size 224
@@ -16,6 +17,7 @@ import contextlib
 import json
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import common
@@ -71,6 +73,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--batch", type=int, default=None, help="this batch size for every model")
     parser.add_argument("--image-size", type=int, default=None, help="this image size for every model")
     parser.add_argument("--channels-last", action="store_true", help="channels_last weights and inputs")
+    parser.add_argument("--parallel", type=int, default=1, help="variants measured at a time, each in its process")
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results/memory.json"))
     parser.add_argument("--one", nargs=2, metavar=("MODEL", "VARIANT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -81,17 +84,21 @@ def main(argv: list[str] | None = None) -> list[dict]:
     passed += ["--batch", str(args.batch)] if args.batch else []
     passed += ["--image-size", str(args.image_size)] if args.image_size else []
     passed += ["--channels-last"] if args.channels_last else []
+
+    def measure(model_name: str, label: str) -> dict:
+        run = subprocess.run([sys.executable, __file__, "--one", model_name, label, *passed],
+                             capture_output=True, text=True)
+        row = {"model": model_name, "variant": label}
+        if run.returncode:
+            row["error"] = (run.stderr.strip().splitlines() or [f"exit status {run.returncode}"])[-1][:100]
+        else:
+            row.update(json.loads(run.stdout.strip().splitlines()[-1]))
+        return row
+
     results = []
     for model_name in args.models:
-        for label in args.variants:
-            run = subprocess.run([sys.executable, __file__, "--one", model_name, label, *passed],
-                                 capture_output=True, text=True)
-            row = {"model": model_name, "variant": label}
-            if run.returncode:
-                row["error"] = (run.stderr.strip().splitlines() or [f"exit status {run.returncode}"])[-1][:100]
-            else:
-                row.update(json.loads(run.stdout.strip().splitlines()[-1]))
-            results.append(row)
+        with ThreadPoolExecutor(max_workers=max(1, args.parallel)) as pool:
+            results += pool.map(measure, [model_name] * len(args.variants), args.variants)
         dense = next((r["peak_bytes"] for r in results if r["model"] == model_name and r["variant"] == "dense"
                       and "peak_bytes" in r), None)
         for r in results:
