@@ -171,6 +171,13 @@ def _note(job: Job) -> str:
     return job.note
 
 
+def _mode(r: dict) -> str:
+    if not r.get("compiled"):
+        return "eager"
+    late = f", {r['graphs_during_rounds']} more while timed" if r.get("graphs_during_rounds") else ""
+    return f"compiled ({r.get('graphs', '?')} graphs{late})"
+
+
 def _ms(r: dict, key: str) -> str:
     return f"{r[key]:.1f}" if key in r else "-"
 
@@ -196,7 +203,7 @@ def markdown(jobs: list[Job], rows: list[dict], info: dict, run: dict) -> str:
                     [[r["target"], r["subject"], r["measured"], r["limit"], r["result"]] for r in rows])
     sections = {
         "step_time": (["model", "batch", "mode", "variant", "median ms", "x dense", "update ms", "x dense amortized"],
-                      lambda r: [r["model"], r.get("batch", "-"), "compiled" if r.get("compiled") else "eager",
+                      lambda r: [r["model"], r.get("batch", "-"), _mode(r),
                                  r["variant"], _ms(r, "median_ms"), f"{r['ratio_to_dense']:.3f}"
                                  if "ratio_to_dense" in r else "not installed", _ms(r, "update_ms"),
                                  f"{r['amortized_ratio']:.3f}" if "amortized_ratio" in r else "-"]),

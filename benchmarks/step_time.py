@@ -32,6 +32,13 @@ DEFAULT_VARIANTS = ["dense", "static", "dsr", "set", "rigl", "snfs", "prune", "r
                     "sparsimony-set"]
 
 
+def _graphs() -> int:
+    """The number of graphs torch.compile has made in this process (0 before it is first used)."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
 def measure(model_name: str, args: argparse.Namespace, device: torch.device) -> list[dict]:
     batch_size, size = (MODELS | MORE_MODELS)[model_name]
     batch_size = args.batch or batch_size * args.batch_scale
@@ -55,16 +62,19 @@ def measure(model_name: str, args: argparse.Namespace, device: torch.device) -> 
                 setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 4 * len(built)))
         for variant in built.values():
             variant.model.compile(backend=args.compile_backend)
-    timer = Timer(device)
-    for variant in built.values():
+    timer, graphs = Timer(device), {}
+    for label, variant in built.items():  # compiled: the graphs each variant makes while it warms up
+        before = _graphs()
         for _ in range(args.warmup):
             variant.step()
+        graphs[label] = _graphs() - before
     samples = {label: [] for label in built}
-    order = list(built)
+    order, before = list(built), _graphs()
     for round_index in tqdm(range(args.repeats), desc=f"{model_name} rounds", leave=False):
         shift = round_index % len(order)
         for label in order[shift:] + order[:shift]:
             samples[label].append(timer(built[label].step))
+    graphs_in_rounds = _graphs() - before  # recompiles while timed: should be none
     update_ms, update_errors = {}, {}
     for label, variant in built.items():
         if variant.update is not None:
@@ -82,6 +92,8 @@ def measure(model_name: str, args: argparse.Namespace, device: torch.device) -> 
     for label, values in samples.items():
         row = {"model": model_name, "batch": batch_size, "image": size, "variant": label, "compiled": args.compile,
                **summary(values)}
+        if args.compile:
+            row |= {"graphs": graphs[label], "graphs_during_rounds": graphs_in_rounds}
         row["ratio_to_dense"] = row["median_ms"] / dense
         if label in update_ms:
             row["update_ms"] = update_ms[label]
