@@ -156,6 +156,8 @@ def over_budget(job: Job, left: float) -> str:
 def run(job: Job, env: dict[str, str], timeout: float, logs: Path) -> None:
     """Run one command in its own process group (killed whole at the timeout); its output goes to a log."""
     job.log = logs / f"{job.part}_{job.name.replace(' ', '_').replace(':', '')}.log"
+    if job.output is not None:
+        job.output.unlink(missing_ok=True)  # an earlier run's results must not pass for this one's
     start = time.perf_counter()
     with job.log.open("w") as log:
         process = subprocess.Popen(job.argv, cwd=ROOT, env=env | job.env, stdout=log, stderr=subprocess.STDOUT,

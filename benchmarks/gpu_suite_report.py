@@ -187,11 +187,11 @@ def markdown(jobs: list[Job], rows: list[dict], info: dict, run: dict) -> str:
            f"{info['driver']})" if "gpu" in info else f"no GPU ({info['platform']}, {info['cpus']} CPUs)")
     failed = [j for j in jobs if j.status in ("failed", "timed out")]
     lines = ["# dst_prune GPU validation suite", "",
-             f"- machine: {gpu}", f"- software: Python {info['python']}, torch {info['torch']} (CUDA {info['cuda']}, "
-             f"cuDNN {info['cudnn']}), torchvision {info['torchvision']}, timm {info['timm']}, accelerate "
-             f"{info['accelerate']}", f"- code: dst_prune {info['dst_prune']}, commit {info['commit']}",
-             f"- form: {run['form']}; budget {run['budget_s']:.0f} s, took {run['wall_s']:.0f} s; repeats "
-             f"{run['repeats']}",
+             f"- machine: {gpu}", f"- software: Python {info['python']}, torch {info['torch']} (built for CUDA "
+             f"{info['cuda']}, cuDNN {info['cudnn']}), torchvision {info['torchvision']}, timm {info['timm']}, "
+             f"accelerate {info['accelerate']}", f"- code: dst_prune {info['dst_prune']}, commit {info['commit']}",
+             f"- form: {run['form']}; budget {run['budget_s']:.0f} s, took {run['wall_s']:.0f} s; repeats: "
+             f"{', '.join(f'{k} {v}' for k, v in run['repeats'].items())}",
              f"- result: {len(failed)} of {len(jobs)} commands failed (exit status {run['exit_code']})" if failed else
              f"- result: no command failed (exit status {run['exit_code']}); a target not met is a finding, not a "
              f"failure", "", "## Parts", ""]

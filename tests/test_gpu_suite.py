@@ -58,15 +58,17 @@ def test_a_failing_or_hanging_command_does_not_stop_the_others(suite, tmp_path):
     from gpu_suite_report import Job, targets, write_reports
 
     (tmp_path / "logs").mkdir()
-    good = tmp_path / "good.json"
-    jobs = [Job("reallocation", "fails", [sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"], 1.0),
+    good, stale = tmp_path / "good.json", tmp_path / "stale.json"
+    stale.write_text('{"results": [{"variant": "dsr", "weights_millions": 25, "ms_per_25M": 1.0}]}')  # a past run's
+    jobs = [Job("reallocation", "fails", [sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"], 1.0,
+                stale),
             Job("memory", "hangs", [sys.executable, "-c", "import time; time.sleep(60)"], 1.0),
             Job("step_time", "works", [sys.executable, "-c", f"open({str(good)!r}, 'w').write('{{\"results\": []}}')"],
                 1.0, good)]
     args = argparse.Namespace(budget_s=5.0, jobs=1, output_dir=tmp_path)
     wall = suite.execute(jobs, args, {})
     assert [j.status for j in jobs] in (["failed", "timed out", "ok"], ["failed", "timed out", "skipped"])
-    assert jobs[0].note == "exit status 3: boom" and jobs[0].returncode == 3
+    assert jobs[0].note == "exit status 3: boom" and jobs[0].returncode == 3 and jobs[0].results is None
     assert jobs[1].note.startswith("stopped after") and wall < 30
     rows = targets(jobs, judged=True)
     assert {r["target"] for r in rows} == {r["target"] for r in rows if r["result"].startswith("not measured")}
