@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from .errors import DSTError
-from .masking import DSTMask, direct_readers
+from .masking import DSTMask
+from .readers import direct_readers
 from .targets import TargetSpec
 
 __all__ = ["BLOCK_ELEMENTS", "CSR_BELOW_ROWS", "CondensedLinear", "condense", "constant_fan_in", "refuse_if_empty"]
