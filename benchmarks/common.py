@@ -14,7 +14,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import timm
 import torch
 from prettytable import PrettyTable
 from torch import nn
@@ -27,13 +26,26 @@ MODELS = {  # the issue's configurations: name -> (batch, image size)
     "resnet50": (16, 112),
     "vit_small_patch16_224": (8, 224),
 }
+MORE_MODELS = {  # by name only, not by default: vit_base for GPUs, timm's tiny test models for quick CPU runs
+    "vit_tiny_patch16_224": (8, 224), "vit_base_patch16_224": (8, 224), "test_resnet": (2, 32), "test_vit": (2, 32),
+}
 SPARSITY = 0.9
+MEMORY_FORMAT = {"value": torch.contiguous_format}  # the scripts' --channels-last sets torch.channels_last
 
 
 def build_model(name: str, size: int, device: torch.device) -> nn.Module:
+    import timm  # here: the scripts that need no model start faster (reallocation, memory's parent)
+
     torch.manual_seed(0)
     kwargs = {"img_size": size} if "vit" in name else {}
-    return timm.create_model(name, num_classes=100, **kwargs).to(device)
+    return timm.create_model(name, num_classes=100, **kwargs).to(device, memory_format=MEMORY_FORMAT["value"])
+
+
+def clock(model: nn.Module) -> float:
+    """`time.perf_counter()` once the model's device has finished its queued work (CUDA runs asynchronously)."""
+    if next(model.parameters()).is_cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter()
 
 
 @dataclass
@@ -79,9 +91,9 @@ def ours(method: str, name, size, device, batch, autocast) -> Variant:
         dst.capture_dense_gradients()
         with autocast():
             nn.functional.cross_entropy(model(batch[0]), batch[1]).backward()
-        start = time.perf_counter()
+        start = clock(model)
         dst.reparameterize()
-        update.seconds = time.perf_counter() - start
+        update.seconds = clock(model) - start
     return Variant(f"dst_prune {method}", model, _loop(model, optimizer, batch, autocast, after=dst.step), update)
 
 
@@ -107,9 +119,9 @@ def rigl_torch(name, size, device, batch, autocast) -> Variant:
         saved, pruner.step = pruner.step, pruner.delta_T - 1  # its hooks capture dense gradients now
         with autocast():
             nn.functional.cross_entropy(model(batch[0]), batch[1]).backward()
-        start = time.perf_counter()
+        start = clock(model)
         pruner._rigl_step()
-        update.seconds = time.perf_counter() - start
+        update.seconds = clock(model) - start
         pruner.step = saved
     return Variant("rigl-torch", model, _loop(model, optimizer, batch, autocast, before_step=pruner), update)
 
@@ -131,9 +143,9 @@ def sparsimony(method: str, name, size, device, batch, autocast) -> Variant:
         with autocast():
             nn.functional.cross_entropy(model(batch[0]), batch[1]).backward()
         sparsifier._step_count = 10**8 - 1  # the next step is an update step
-        start = time.perf_counter()
+        start = clock(model)
         sparsifier.step()
-        update.seconds = time.perf_counter() - start
+        update.seconds = clock(model) - start
     return Variant(f"sparsimony {method}", model, _loop(model, optimizer, batch, autocast, after=sparsifier.step),
                    update)
 
@@ -190,3 +202,28 @@ def table(columns: list[str], rows: list[list]) -> PrettyTable:
     result.align[columns[0]] = "l"
     result.add_rows(rows)
     return result
+
+
+def interleaved(fns: dict[str, Callable[..., object]], x: object, repeats: int,
+                warmup: int = 2) -> dict[str, list[float]]:
+    """Seconds per call `fn(x)` of each `fns` entry, in `repeats` rounds that call every entry once, in an order
+    that rotates every round (so that drift in the machine's load hits every entry alike)."""
+    names = list(fns)
+    with torch.inference_mode():
+        for _ in range(warmup):
+            for fn in fns.values():
+                fn(x)
+        samples: dict[str, list[float]] = {n: [] for n in names}
+        for round_ in range(repeats):
+            for name in names[round_ % len(names):] + names[:round_ % len(names)]:
+                start = time.perf_counter()
+                fns[name](x)
+                samples[name].append(time.perf_counter() - start)
+    return samples
+
+
+def write_markdown(path: Path, title: str, columns: list[str], rows: list[list]) -> None:
+    lines = [f"{title}\n", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")

@@ -1,11 +1,15 @@
 """Inference latency of exported sparse models (`dst_prune.export`) against the dense model.
 
-CPU: `format="csr"` (sparse Linear layers as torch.sparse_csr); GPU: `format="semi_structured"` (2:4).
-Models: a wide MLP (three 4096x4096 Linear layers, where CSR's savings are largest) and timm's
-vit_small (Linear layers are most of its compute; convs and attention stay dense).
+CPU: `format="csr"` (sparse Linear layers as torch.sparse_csr); GPU: `format="semi_structured"` (2:4, against
+the dense model in the same half precision). Models: a wide MLP (three 4096x4096 Linear layers, where CSR's
+savings are largest), timm's vit_small and vit_base (Linear layers are most of their compute; convs and attention
+stay dense, and for 2:4 the classifier head too: its 1000 rows are not a multiple of the kernels' 32), and
+vit_base's twelve MLP blocks alone (768 -> 3072 -> 768 on 197 tokens per image).
 
     python benchmarks/inference.py
     python benchmarks/inference.py --device cuda        # adds 2:4 semi-structured in float16
+    python benchmarks/inference.py --device cuda --models vit_base_mlp --batches 256 --formats semi_structured \
+        --half-dtypes float16 bfloat16
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from pathlib import Path
 import timm
 import torch
 from common import Timer, machine, summary, table, write_json
+from timm.layers import Mlp
 from torch import nn
 
 import dst_prune
@@ -26,9 +31,18 @@ def wide_mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(4096, 4096), nn.ReLU(), nn.Linear(4096, 4096), nn.ReLU(), nn.Linear(4096, 4096))
 
 
+def vit_base_mlp() -> nn.Module:
+    """The MLP blocks of vit_base_patch16_224, one after the other (norms, attention and residuals left out)."""
+    return nn.Sequential(*[Mlp(768, 3072) for _ in range(12)])
+
+
 MODELS = {"mlp_4096x3": (wide_mlp, lambda b: torch.randn(b, 4096)),
           "vit_small": (lambda: timm.create_model("vit_small_patch16_224", num_classes=1000),
-                        lambda b: torch.randn(b, 3, 224, 224))}
+                        lambda b: torch.randn(b, 3, 224, 224)),
+          "vit_base": (lambda: timm.create_model("vit_base_patch16_224", num_classes=1000),
+                       lambda b: torch.randn(b, 3, 224, 224)),
+          "vit_base_mlp": (vit_base_mlp, lambda b: torch.randn(b, 197, 768))}
+HALF = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def latency(model: nn.Module, x: torch.Tensor, timer: Timer, repeats: int) -> list[float]:
@@ -36,6 +50,27 @@ def latency(model: nn.Module, x: torch.Tensor, timer: Timer, repeats: int) -> li
         for _ in range(3):
             model(x)
         return [timer(lambda: model(x)) for _ in range(repeats)]
+
+
+def two_four(name: str, batch: int, x: torch.Tensor, dtype: torch.dtype, timer: Timer, repeats: int) -> list[dict]:
+    """The dense model in `dtype` against its 2:4 export (sparsity 0.5, magnitude masks), on the same inputs."""
+    make, _ = MODELS[name]
+    label = str(dtype).removeprefix("torch.")
+    torch.manual_seed(0)
+    half = make().to(x.device, dtype).eval()
+    x = x.to(dtype)
+    dense = latency(half, x, timer, repeats)
+    base = statistics.median(dense)
+    del half
+    torch.manual_seed(0)
+    sparse = make().to(x.device, dtype)
+    dst_prune.apply(sparse, sparsity=0.5, method="static", granularity="2:4",
+                    dense_stem_and_head=name.startswith("vit_") and not name.endswith("_mlp"))
+    samples = latency(dst_prune.export(sparse, format="semi_structured"), x, timer, repeats)
+    return [{"model": name, "batch": batch, "format": f"dense {label}", "sparsity": 0.0, **summary(dense),
+             "ratio_to_dense": 1.0},
+            {"model": name, "batch": batch, "format": f"semi_structured {label}", "sparsity": 0.5,
+             **summary(samples), "ratio_to_dense": statistics.median(samples) / base}]
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -46,45 +81,44 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--formats", nargs="+", choices=["csr", "semi_structured"], default=None,
+                        help="default: csr on CPU, csr and semi_structured on CUDA")
+    parser.add_argument("--half-dtypes", nargs="+", choices=list(HALF), default=["float16"],
+                        help="the precisions of the 2:4 runs (semi_structured)")
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results/inference.json"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     device, timer, results = torch.device(args.device), Timer(torch.device(args.device)), []
+    formats = args.formats or (["csr"] if device.type == "cpu" else ["csr", "semi_structured"])
+    if "semi_structured" in formats and device.type != "cuda":
+        parser.error("--formats semi_structured needs --device cuda (2:4 kernels run on NVIDIA GPUs)")
     for name in args.models:
         make, inputs = MODELS[name]
         for batch in args.batches:
             torch.manual_seed(0)
-            dense = make().to(device).eval()
             x = inputs(batch).to(device)
-            base = statistics.median(latency(dense, x, timer, args.repeats))
-            results.append({"model": name, "batch": batch, "format": "dense", "sparsity": 0.0,
-                            **summary(latency(dense, x, timer, args.repeats)), "ratio_to_dense": 1.0})
-            for sparsity in args.sparsities:
-                formats = ["csr"] if device.type == "cpu" else ["csr", "semi_structured"]
-                for fmt in formats:
-                    if fmt == "semi_structured" and sparsity != 0.5:
-                        continue
+            if "csr" in formats:
+                dense = make().to(device).eval()
+                base = statistics.median(latency(dense, x, timer, args.repeats))
+                results.append({"model": name, "batch": batch, "format": "dense", "sparsity": 0.0,
+                                **summary(latency(dense, x, timer, args.repeats)), "ratio_to_dense": 1.0})
+                del dense
+                for sparsity in args.sparsities:
                     sparse = make().to(device)
                     dst_prune.apply(sparse, sparsity=sparsity, method="static", dense_stem_and_head=False,
                                     init="random")
-                    samples = latency(dst_prune.export(sparse, format=fmt), x, timer, args.repeats)
-                    results.append({"model": name, "batch": batch, "format": fmt, "sparsity": sparsity,
+                    samples = latency(dst_prune.export(sparse, format="csr"), x, timer, args.repeats)
+                    results.append({"model": name, "batch": batch, "format": "csr", "sparsity": sparsity,
                                     **summary(samples), "ratio_to_dense": statistics.median(samples) / base})
-            if device.type == "cuda":  # 2:4 needs half precision and sparsity 0.5
-                half = make().to(device).half().eval()
-                xh = x.half()
-                base_half = statistics.median(latency(half, xh, timer, args.repeats))
-                sparse = make().to(device).half()
-                dst_prune.apply(sparse, sparsity=0.5, method="static", granularity="2:4", dense_stem_and_head=False)
-                samples = latency(dst_prune.export(sparse, format="semi_structured"), xh, timer, args.repeats)
-                results.append({"model": name, "batch": batch, "format": "semi_structured fp16", "sparsity": 0.5,
-                                **summary(samples), "ratio_to_dense": statistics.median(samples) / base_half})
+            for dtype_name in args.half_dtypes if "semi_structured" in formats else []:
+                results += two_four(name, batch, x, HALF[dtype_name], timer, args.repeats)
     rows = [[r["model"], r["batch"], r["format"], r["sparsity"], f"{r['median_ms']:.3f}",
              f"{r['min_ms']:.2f}-{r['max_ms']:.2f}", f"{r['ratio_to_dense']:.3f}",
              f"{1 / r['ratio_to_dense']:.2f}x"] for r in results]
     print(f"inference latency, {machine()}, medians of {args.repeats}")
     print(table(["model", "batch", "format", "sparsity", "median ms", "min-max ms", "x dense", "speed-up"], rows))
-    write_json(args.output, {"machine": machine(), "results": results})
+    write_json(args.output, {"machine": machine(), "device": args.device, "arguments": vars(args) | {
+        "output": str(args.output)}, "results": results})
     return results
 
 

@@ -2,10 +2,12 @@
 
 The models are stacks of square Linear layers with 1M to 100M+ weights at sparsity 0.9, each update
 preceded by a backward pass (so gradient-based methods have their dense gradient). Reported: the median
-wall time of one update, and per 25M weights (the issue's unit).
+wall time of one update, and per 25M weights (the issue's unit). On CUDA the clock starts and stops with the
+device idle (`torch.cuda.synchronize`), so an update is timed to the end of its last kernel.
 
     python benchmarks/reallocation.py
     python benchmarks/reallocation.py --sizes 1 10 --methods dsr rigl
+    python benchmarks/reallocation.py --device cuda --sizes 25 100 --methods static dsr rigl --peers
 """
 
 from __future__ import annotations
@@ -13,11 +15,10 @@ from __future__ import annotations
 import argparse
 import gc
 import statistics
-import time
 from pathlib import Path
 
 import torch
-from common import SPARSITY, machine, table, write_json
+from common import SPARSITY, clock, machine, table, write_json
 from torch import nn
 
 import dst_prune
@@ -26,13 +27,13 @@ from dst_prune.targets import find_targets
 SIZES = {1: (1024, 1), 10: (1024, 10), 25: (2048, 6), 100: (2048, 24)}  # millions -> (width, layers)
 
 
-def stack(width: int, layers: int) -> nn.Module:
+def stack(width: int, layers: int, device: torch.device | str = "cpu") -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(*[nn.Linear(width, width, bias=False) for _ in range(layers)])
+    return nn.Sequential(*[nn.Linear(width, width, bias=False) for _ in range(layers)]).to(device)
 
 
 def backward(model: nn.Module, width: int) -> None:
-    model(torch.randn(8, width)).pow(2).mean().backward()
+    model(torch.randn(8, width, device=next(model.parameters()).device)).pow(2).mean().backward()
 
 
 def ours(method: str, model: nn.Module, width: int):
@@ -46,9 +47,9 @@ def ours(method: str, model: nn.Module, width: int):
         optimizer.step()
         if method == "snfs":
             dst.algorithm.after_optimizer_step(dst.step_count + 1)
-        start = time.perf_counter()
+        start = clock(model)
         dst.reparameterize()
-        return time.perf_counter() - start
+        return clock(model) - start
     return update
 
 
@@ -62,9 +63,9 @@ def rigl_torch(model: nn.Module, width: int):
     def update() -> float:
         pruner.step = pruner.delta_T - 1
         backward(model, width)
-        start = time.perf_counter()
+        start = clock(model)
         pruner._rigl_step()
-        return time.perf_counter() - start
+        return clock(model) - start
     return update
 
 
@@ -83,9 +84,9 @@ def sparsimony(method: str, model: nn.Module, width: int):
     def update() -> float:
         backward(model, width)
         sparsifier._step_count = 10**8 - 1
-        start = time.perf_counter()
+        start = clock(model)
         sparsifier.step()
-        return time.perf_counter() - start
+        return clock(model) - start
     return update
 
 
@@ -96,6 +97,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--peers", nargs="*", default=["rigl-torch", "sparsimony-rigl", "sparsimony-set"])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results/reallocation.json"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -103,7 +105,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for size in args.sizes:
         width, layers = SIZES[size]
         for label in [*args.methods, *args.peers]:
-            model = stack(width, layers)
+            model = stack(width, layers, args.device)
             try:
                 if label == "rigl-torch":
                     update = rigl_torch(model, width)
@@ -123,9 +125,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
             gc.collect()
     rows = [[f"{r['weights_millions']:.1f}M", r["variant"], *(["-", "-", r["error"]] if "error" in r else
             [f"{r['median_ms']:.1f}", f"{r['ms_per_25M']:.1f}", ""])] for r in results]
-    print(f"one topology update at sparsity {SPARSITY}, {machine()}, medians of {args.repeats}")
+    print(f"one topology update at sparsity {SPARSITY}, {machine()} ({args.device}), medians of {args.repeats}")
     print(table(["weights", "variant", "median ms", "ms per 25M", "note"], rows))
-    write_json(args.output, {"machine": machine(), "results": results})
+    write_json(args.output, {"machine": machine(), "device": args.device, "arguments": vars(args) | {
+        "output": str(args.output)}, "results": results})
     return results
 
 

@@ -10,6 +10,8 @@ the median, the min-max and the ratio to dense; "amortized" adds one topology up
 
     python benchmarks/step_time.py                                  # CPU: resnet18, resnet50, vit_small
     python benchmarks/step_time.py --device cuda --autocast bf16 --batch-scale 8
+    python benchmarks/step_time.py --device cuda --autocast bf16 --models resnet50 --batch 256 --image-size 224 \
+        --channels-last --compile
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ import logging
 import statistics
 from pathlib import Path
 
+import common
 import torch
-from common import MODELS, Timer, machine, summary, table, variants, write_json
+from common import MODELS, MORE_MODELS, Timer, machine, summary, table, variants, write_json
 from tqdm import tqdm
 
 logger = logging.getLogger("step_time")
@@ -29,11 +32,20 @@ DEFAULT_VARIANTS = ["dense", "static", "dsr", "set", "rigl", "snfs", "prune", "r
                     "sparsimony-set"]
 
 
+def _graphs() -> int:
+    """The number of graphs torch.compile has made in this process (0 before it is first used)."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
 def measure(model_name: str, args: argparse.Namespace, device: torch.device) -> list[dict]:
-    batch_size, size = MODELS[model_name]
-    batch_size *= args.batch_scale
+    batch_size, size = (MODELS | MORE_MODELS)[model_name]
+    batch_size = args.batch or batch_size * args.batch_scale
+    size = args.image_size or size
     g = torch.Generator().manual_seed(0)
-    batch = (torch.randn(batch_size, 3, size, size, generator=g).to(device),
+    images = torch.randn(batch_size, 3, size, size, generator=g)
+    batch = (images.to(device, memory_format=common.MEMORY_FORMAT["value"]),
              torch.randint(0, 100, (batch_size,), generator=g).to(device))
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.autocast == "bf16" else \
         contextlib.nullcontext
@@ -43,16 +55,26 @@ def measure(model_name: str, args: argparse.Namespace, device: torch.device) -> 
             built[label] = factory(model_name, size, device, batch, autocast)
         except ImportError as error:
             missing.append(f"{label} (not installed: {error.name})")
-    timer = Timer(device)
-    for variant in built.values():
+    if args.compile:  # in place (the hooks run inside the compiled call), so every variant's step() uses it
+        torch._dynamo.reset()
+        for limit in ("recompile_limit", "cache_size_limit"):  # the variants share Module._call_impl's code
+            if hasattr(torch._dynamo.config, limit):
+                setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 4 * len(built)))
+        for variant in built.values():
+            variant.model.compile(backend=args.compile_backend)
+    timer, graphs = Timer(device), {}
+    for label, variant in built.items():  # compiled: the graphs each variant makes while it warms up
+        before = _graphs()
         for _ in range(args.warmup):
             variant.step()
+        graphs[label] = _graphs() - before
     samples = {label: [] for label in built}
-    order = list(built)
+    order, before = list(built), _graphs()
     for round_index in tqdm(range(args.repeats), desc=f"{model_name} rounds", leave=False):
         shift = round_index % len(order)
         for label in order[shift:] + order[:shift]:
             samples[label].append(timer(built[label].step))
+    graphs_in_rounds = _graphs() - before  # recompiles while timed: should be none
     update_ms, update_errors = {}, {}
     for label, variant in built.items():
         if variant.update is not None:
@@ -68,7 +90,10 @@ def measure(model_name: str, args: argparse.Namespace, device: torch.device) -> 
     dense = statistics.median(samples["dense"]) * 1000
     results = []
     for label, values in samples.items():
-        row = {"model": model_name, "batch": batch_size, "image": size, "variant": label, **summary(values)}
+        row = {"model": model_name, "batch": batch_size, "image": size, "variant": label, "compiled": args.compile,
+               **summary(values)}
+        if args.compile:
+            row |= {"graphs": graphs[label], "graphs_during_rounds": graphs_in_rounds}
         row["ratio_to_dense"] = row["median_ms"] / dense
         if label in update_ms:
             row["update_ms"] = update_ms[label]
@@ -83,7 +108,7 @@ def measure(model_name: str, args: argparse.Namespace, device: torch.device) -> 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS | MORE_MODELS))
     parser.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS)
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=3)
@@ -92,17 +117,25 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--autocast", choices=["none", "bf16"], default="none")
     parser.add_argument("--batch-scale", type=int, default=1, help="multiply the issue's batch sizes")
+    parser.add_argument("--batch", type=int, default=None, help="this batch size for every model")
+    parser.add_argument("--image-size", type=int, default=None, help="this image size for every model")
+    parser.add_argument("--channels-last", action="store_true", help="channels_last weights and inputs")
+    parser.add_argument("--compile", action="store_true", help="torch.compile every variant's model")
+    parser.add_argument("--compile-backend", default="inductor")
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results/step_time.json"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if args.channels_last:
+        common.MEMORY_FORMAT["value"] = torch.channels_last
     results = [row for name in args.models for row in measure(name, args, device)]
     rows = [[r["model"], r["variant"], *(["not installed", "", "", "", ""] if r.get("missing") else [
         f"{r['median_ms']:.1f}", f"{r['min_ms']:.0f}-{r['max_ms']:.0f}", f"{r['ratio_to_dense']:.3f}",
         f"{r['update_ms']:.1f}" if "update_ms" in r else ("failed" if "update_error" in r else ""),
         f"{r['amortized_ratio']:.3f}" if "update_ms" in r else ""])] for r in results]
-    print(f"training step, sparsity 0.9, {machine()}, {args.autocast} autocast, medians of {args.repeats} "
+    compiled = f", torch.compile ({args.compile_backend})" if args.compile else ""
+    print(f"training step, sparsity 0.9, {machine()}, {args.autocast} autocast{compiled}, medians of {args.repeats} "
           f"interleaved rounds")
     print(table(["model", "variant", "median ms", "min-max ms", "x dense", "update ms", "x dense amortized"], rows))
     write_json(args.output, {"machine": machine(), "arguments": vars(args) | {"output": str(args.output)},

@@ -4,7 +4,7 @@ from .algorithms import DropAndGrow, SparseAlgorithm, list_methods, register_met
 from .api import apply, remove
 from .dsmodel import DSModel
 from .errors import DSTError
-from .export import export
+from .exporting import export
 from .loading import load_sparse_state_dict
 from .masking import DSTMask, is_sparse, pruned_state_dict
 from .sparsity import DynamicSparsity

@@ -6,6 +6,14 @@
 - `semi_structured`: as `dense`, with each sparse `nn.Linear` weight converted by
   `torch.sparse.to_sparse_semi_structured` (2:4 masks, from `granularity="2:4"`), which NVIDIA GPUs of
   compute capability 8.0+ multiply with sparse tensor cores, in float16 or bfloat16.
+- `condensed`: as `dense`, with each sparse `nn.Linear` and 1x1 `nn.Conv2d` of constant fan-in (every
+  active row has the same number of active inputs: `granularity="n:m"`, SRigL) replaced by a
+  `CondensedLinear` (`dst_prune.condensed`): the kept rows' input indices and weights as dense arrays;
+  ablated rows (no active input) output their bias. Other layers stay dense (logged at INFO).
+- `shrink`: as `dense`, physically smaller: output channels without an active weight (`granularity=
+  "channel"`, ablated neurons) are removed with the inputs and BatchNorm channels that consume them, their
+  constant output folded into the consumer (`dst_prune.shrink`). MLPs and plain CNNs; the head's outputs
+  are kept; a layer whose channels reach a residual addition or anything else it cannot follow is refused.
 
 The model given is left as it is (still sparse, still trainable); the export is a deep copy in eval mode.
 """
@@ -17,14 +25,16 @@ import copy
 import torch
 from torch import nn
 
+from .condensed import CondensedLinear, condense, constant_fan_in, refuse_if_empty
 from .errors import DSTError
 from .masking import DSTMask, is_sparse, make_permanent
 from .readers import direct_readers
+from .shrink import shrink
 from .targets import TargetSpec
 
-__all__ = ["FORMATS", "CSRLinear", "export"]
+__all__ = ["FORMATS", "CSRLinear", "CondensedLinear", "export"]
 
-FORMATS = ("dense", "csr", "semi_structured")
+FORMATS = ("dense", "csr", "semi_structured", "condensed", "shrink")
 
 
 class CSRLinear(nn.Module):
@@ -61,22 +71,67 @@ def _sparse_linears(model: nn.Module) -> list[str]:
     return [s.module_name for s in specs if type(modules[s.module_name]) is nn.Linear and s.module_name not in read]
 
 
+def _pruned_channels(model: nn.Module) -> dict[str, torch.Tensor]:
+    """`{layer: bool [out]}`, True at the output channels without an active weight, for sparse Linear/Conv2d."""
+    pruned = {}
+    for name, module in model.named_modules():
+        hooks = module._forward_pre_hooks.values()
+        if type(module) in (nn.Linear, nn.Conv2d) and any(isinstance(h, DSTMask) and h._tensor_name == "weight"
+                                                          for h in hooks):
+            rows = ~module.weight_mask.reshape(module.weight_mask.shape[0], -1).any(1)
+            if bool(rows.any()):
+                pruned[name] = rows.clone()
+    return pruned
+
+
 def export(model: nn.Module, format: str = "dense") -> nn.Module:
-    """A copy of the sparse `model` for inference in `format` (`dense`, `csr` or `semi_structured`).
+    """A copy of the sparse `model` for inference in `format`.
+
+    The copy is in eval mode with `requires_grad=False`; `model` itself stays sparse and trainable.
+
+    Args:
+        model: a model made sparse by `dst_prune.apply`.
+        format: one of `FORMATS`:
+            `dense`: the masks made permanent (plain weights with zeros);
+            `csr`: sparse `nn.Linear` layers as `torch.sparse_csr` (`CSRLinear`), for CPU;
+            `semi_structured`: 2:4 sparse `nn.Linear` weights for NVIDIA sparse tensor cores (fp16/bf16, CUDA);
+            `condensed`: constant fan-in `nn.Linear` / 1x1 `nn.Conv2d` layers as `CondensedLinear`, the
+            representation of SRigL (Lasby et al., ICLR 2024, "Dynamic Sparse Training with Structured
+            Sparsity"); other layers stay dense;
+            `shrink`: pruned output channels removed, with the inputs that consume them: a smaller dense
+            model, as channel-level DST makes possible (Yin et al. 2023, "Chase").
+
+    Returns:
+        The exported copy.
 
     Raises:
-        DSTError: an unknown format, a model without dst_prune masks, or (semi_structured) weights that are
-            not on a CUDA device, not float16/bfloat16, or not 2:4.
+        DSTError: an unknown format; a model without dst_prune masks; (semi_structured) weights that are not
+            float16/bfloat16 on CUDA or not 2:4; (condensed) no constant fan-in layer; (shrink) no pruned
+            channel to remove, a model torch.fx cannot trace, or a layer whose pruned channels feed a
+            residual addition or another operation shrink cannot follow (named in the message).
     """
     if format not in FORMATS:
         raise DSTError(f"format={format!r} is unknown; valid choices: {', '.join(FORMATS)}.")
     if not is_sparse(model):
         raise DSTError("model has no dst_prune masks: nothing to export (apply dst_prune first, or use the model "
                        "as it is).")
-    linears = _sparse_linears(model) if format != "dense" else []
+    linears = _sparse_linears(model) if format in ("csr", "semi_structured") else []
+    if format == "condensed":
+        masks, dense = constant_fan_in(model)
+        refuse_if_empty(masks, dense)
+    if format == "shrink":
+        pruned = _pruned_channels(model)
+        if not pruned:
+            raise DSTError("format='shrink' found no pruned output channel (a Linear row or conv filter without "
+                           "active weights) in a sparse nn.Linear or nn.Conv2d: nothing to remove. Train with "
+                           "granularity='channel', or use format='dense', 'csr' or 'condensed'.")
     exported = copy.deepcopy(model)
     make_permanent(exported)
     exported.eval().requires_grad_(False)
+    if format == "condensed":
+        return condense(exported, masks)
+    if format == "shrink":
+        return shrink(exported, pruned)
     for name in linears:
         linear = exported.get_submodule(name)
         if format == "csr":
