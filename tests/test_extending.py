@@ -178,3 +178,12 @@ def test_the_package_has_no_import_circle():
 
     circles = [c for c in map(circle_from, graph) if c]
     assert not circles, f"import circles: {circles[:3]}"
+
+
+def test_import_dst_prune_loads_torch_numpy_and_prettytable_only():
+    probe = ("import sys; import torch; before = {m.split('.')[0] for m in sys.modules}; import dst_prune; "
+             "print(' '.join(sorted({m.split('.')[0] for m in sys.modules} - before)))")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    added = set(result.stdout.split()) - set(sys.stdlib_module_names) - {"_decimal"}
+    assert added <= {"dst_prune", "numpy", "prettytable", "wcwidth"}, f"import dst_prune also loads {added}"
