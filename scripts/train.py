@@ -221,7 +221,7 @@ def train(args, accelerator: Accelerator) -> dict:
                           **{k: record[k] for k in ("threshold", "churn", "itop", "drop_fraction") if k in record}}
                 running.clear()
                 run_log.log("train", progress.optimizer_steps, values)
-                bar.set_postfix(loss=f"{values['loss']:.3f}", sparsity=f"{values['sparsity']:.4f}")
+                bar.set_postfix(loss=f"{values['loss']:.3f}", sparsity=f"{values['sparsity']:.4f}", refresh=interactive)
             if args.checkpoint_every and progress.optimizer_steps % args.checkpoint_every == 0:
                 save()
             if progress.optimizer_steps >= total_steps:
