@@ -151,3 +151,17 @@ def test_readme_shows_what_make_run_prints():
                      r"steps, 13 reallocations; outputs in runs/digits-lenet_300_100-dsr-0\.9$", output, re.MULTILINE)
     script = (ROOT / "scripts" / "train.py").read_text()
     assert "validation accuracy {summary['val_accuracy']:.4f} at sparsity" in script
+
+
+def test_readme_shows_apply_as_it_is():
+    """The signature in the README's API section is `dst_prune.apply`'s: the same names, kinds and defaults."""
+    import inspect
+
+    import dst_prune
+
+    shown = re.search(r"^dst = dst_prune\.apply\((model, \*, .*?)\)\n```", README.read_text(),
+                      re.MULTILINE | re.DOTALL).group(1)
+    namespace: dict = {}
+    exec(f"def apply({shown}):\n    pass", namespace)
+    expected = [(p.name, p.kind, p.default) for p in inspect.signature(dst_prune.apply).parameters.values()]
+    assert [(p.name, p.kind, p.default) for p in inspect.signature(namespace["apply"]).parameters.values()] == expected
