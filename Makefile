@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml setup.cfg
 install: $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/python scripts/train.py
+	$(BIN)/python scripts/train.py --overwrite
 
 run-mnist: $(STAMP)
 	DATAPATH="$(DATAPATH)" $(BIN)/python scripts/train.py --dataset mnist --epochs 5 --batch-size 100
@@ -28,7 +28,7 @@ quickstart: $(STAMP)
 	$(BIN)/python scripts/quickstart.py
 
 lint: $(STAMP)
-	$(BIN)/ruff check .
+	$(BIN)/python -m ruff check .
 
 test: lint
 	DATAPATH="$(DATAPATH)" $(BIN)/python -m pytest -q

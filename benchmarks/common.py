@@ -183,9 +183,25 @@ def summary(samples: list[float]) -> dict:
             "max_ms": 1000 * max(samples), "repeats": len(samples)}
 
 
+def commit() -> str | None:
+    """The checkout's commit (short hash, `+dirty` with uncommitted changes), or None outside a git checkout."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"{head}+dirty" if dirty else head
+
+
 def write_json(path: Path, payload: dict) -> None:
+    """Write `payload` as JSON, with the commit it was measured at (unless it names one)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=1))
+    path.write_text(json.dumps({**payload, "commit": payload.get("commit", commit())}, indent=1))
 
 
 def machine() -> str:

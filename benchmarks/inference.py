@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         help="default: csr on CPU, csr and semi_structured on CUDA")
     parser.add_argument("--half-dtypes", nargs="+", choices=list(HALF), default=["float16"],
                         help="the precisions of the 2:4 runs (semi_structured)")
-    parser.add_argument("--output", type=Path, default=Path("benchmarks/results/inference.json"))
+    parser.add_argument("--output", type=Path, default=Path(__file__).resolve().parent / "out" / "inference.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     device, timer, results = torch.device(args.device), Timer(torch.device(args.device)), []

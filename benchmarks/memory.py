@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--image-size", type=int, default=None, help="this image size for every model")
     parser.add_argument("--channels-last", action="store_true", help="channels_last weights and inputs")
     parser.add_argument("--parallel", type=int, default=1, help="variants measured at a time, each in its process")
-    parser.add_argument("--output", type=Path, default=Path("benchmarks/results/memory.json"))
+    parser.add_argument("--output", type=Path, default=Path(__file__).resolve().parent / "out" / "memory.json")
     parser.add_argument("--one", nargs=2, metavar=("MODEL", "VARIANT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.one:

@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--dsr-k", choices=["scaled", "default"], default="scaled",
                         help="DSR's K: 10%% of the active weights (scaled) or target_fraction_to_prune=0.01")
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--output-dir", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--output-dir", type=Path, default=Path(__file__).resolve().parent / "out")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     data = resolve_data_root(args.data)
@@ -155,8 +155,11 @@ def main(argv: list[str] | None = None) -> dict:
           f"SGD+Nesterov lr {args.lr} cosine, distribution {args.distribution}, update every {args.update_every}")
     print(report)
     args.output_dir.mkdir(parents=True, exist_ok=True)
-    (args.output_dir / "mnist_methods.json").write_text(json.dumps({"arguments": {**common, "seeds": args.seeds},
-                                                                    "runs": results}, indent=1))
+    from common import commit, machine  # benchmarks/common.py: this script's folder is on sys.path
+
+    (args.output_dir / "mnist_methods.json").write_text(json.dumps({
+        "machine": machine(), "commit": commit(), "arguments": {**common, "seeds": args.seeds}, "runs": results},
+        indent=1))
     (args.output_dir / "mnist_methods.md").write_text(markdown(report))
     plot(cells, args.methods, args.sparsities, args.output_dir / "mnist_methods.png")
     logger.info("wrote %s/mnist_methods.{json,md,png}", args.output_dir)

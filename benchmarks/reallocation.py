@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--output", type=Path, default=Path("benchmarks/results/reallocation.json"))
+    parser.add_argument("--output", type=Path, default=Path(__file__).resolve().parent / "out" / "reallocation.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     results = []

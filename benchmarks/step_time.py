@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--channels-last", action="store_true", help="channels_last weights and inputs")
     parser.add_argument("--compile", action="store_true", help="torch.compile every variant's model")
     parser.add_argument("--compile-backend", default="inductor")
-    parser.add_argument("--output", type=Path, default=Path("benchmarks/results/step_time.json"))
+    parser.add_argument("--output", type=Path, default=Path(__file__).resolve().parent / "out" / "step_time.json")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)

@@ -36,6 +36,7 @@ from dst_prune.integrations.checkpoints import TrainingProgress, find_checkpoint
 from dst_prune.integrations.data import resolve_data_root
 from dst_prune.integrations.datasets import ShardedEpochSampler, build_datasets
 from dst_prune.integrations.models import create_model
+from dst_prune.integrations.plots import density_heatmap
 from dst_prune.integrations.run_log import RunLog
 
 logger = logging.getLogger("train")
@@ -103,6 +104,8 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("accelerate").setLevel(logging.WARNING)
+    if not args.cpu and not torch.cuda.is_available():
+        logger.info("no CUDA GPU found: training on the CPU (as with --cpu)")
     try:
         return train(args, accelerator)
     except (RuntimeError, torch.distributed.DistBackendError) as error:
@@ -179,8 +182,10 @@ def train(args, accelerator: Accelerator) -> dict:
 
     start = time.perf_counter()
     running = [torch.tensor(v, device=accelerator.device) for v in progress.unlogged_losses]
+    interactive = sys.stderr.isatty()  # into a log file: a line every 30 s, not a carriage return per step
     bar = tqdm(total=total_steps, initial=progress.optimizer_steps, disable=not accelerator.is_main_process,
-               desc="train", unit="step", dynamic_ncols=True, file=sys.stderr)
+               desc="train", unit="step", dynamic_ncols=interactive, file=sys.stderr,
+               mininterval=0.1 if interactive else 30.0, maxinterval=10.0 if interactive else 60.0)
     while progress.optimizer_steps < total_steps:
         sampler.set_epoch(progress.epoch, skip_batches=progress.batch)
         for x, y in loader:
@@ -216,7 +221,7 @@ def train(args, accelerator: Accelerator) -> dict:
                           **{k: record[k] for k in ("threshold", "churn", "itop", "drop_fraction") if k in record}}
                 running.clear()
                 run_log.log("train", progress.optimizer_steps, values)
-                bar.set_postfix(loss=f"{values['loss']:.3f}", sparsity=f"{values['sparsity']:.4f}")
+                bar.set_postfix(loss=f"{values['loss']:.3f}", sparsity=f"{values['sparsity']:.4f}", refresh=interactive)
             if args.checkpoint_every and progress.optimizer_steps % args.checkpoint_every == 0:
                 save()
             if progress.optimizer_steps >= total_steps:
@@ -254,6 +259,7 @@ def finish(args, accelerator, model, raw_model, dst, ema, val_set, progress, run
         if dst.history:
             dst.save_history(out / "history.csv")
             dst.plot_history(out / "density.png")
+            density_heatmap(dst, out / "density_heatmap.png")  # one named row per layer, for many layers
         safetensors.torch.save_model(raw_model, str(out / "model.safetensors"))  # plain: loads anywhere
         torch.save(dst.state_dict(), out / "dst_state.pt")  # the masks, for dst_prune.load_sparse_state_dict
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
