@@ -85,12 +85,14 @@ def test_timm_model_ema_v3_keeps_bool_masks():
     x = torch.randn(2, 3, 32, 32)
     model(x)  # a training forward before the EMA deep-copies the model
     ema = ModelEmaV3(model, decay=0.9)
+    dst.add_copy(ema.module)  # the plain state dict ModelEmaV3 lerps holds no masks: the controller sets them
     for _ in range(3):
         train_step(model, optimizer, dst, x)
         ema.update(model)
     for t in dst.targets:
         ema_mask = ema.module.get_buffer(t.name + "_mask")
         assert ema_mask.dtype == torch.bool and torch.equal(ema_mask, t.mask)
+        assert not ema.module.get_parameter(t.name + "_orig")[~t.mask].any()
     ema.module.eval()
     ema.module(x)
 
