@@ -79,3 +79,13 @@ def test_fsdp1_is_refused_with_a_dst_error_naming_fully_shard(ranks, key):
     for rank in ranks:
         message = rank["refusals"][key]
         assert "FullyShardedDataParallel (FSDP1)" in message and "fully_shard" in message, message
+
+
+def test_dcp_checkpoint_resumes_bitwise_and_loads_unsharded(ranks):
+    for rank in ranks:
+        result = rank["checkpoint"]
+        assert result["resumed_step"] == 3 and result["resumed_digest_equal"]
+        assert result["bitwise_equal"]  # killed after 3 steps and resumed == 6 steps straight
+    plain = ranks[0]["checkpoint"]
+    assert plain["plain_missing_unexpected"] == [[], []]  # strict load into an untouched model
+    assert plain["unsharded_digest_equal"] and plain["unsharded_zeros_outside"]

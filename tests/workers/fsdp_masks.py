@@ -188,6 +188,66 @@ def refusals(mesh, rank: int) -> dict:
     return result
 
 
+def checkpoint(mesh, rank: int, out_dir: str) -> dict:
+    """SNFS (its momentum is controller state) for 6 steps, against 3 steps, a DCP save, a fresh sharded model
+    loading it, and 3 more steps; then the checkpoint as one plain file, loaded into an unsharded model."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    from dst_prune import distributed_checkpoint
+
+    def build():
+        torch.manual_seed(0)
+        model = Net()
+        dst = dst_prune.apply(model, seed=0, **arguments("snfs", "element"))
+        sharded(model, mesh)
+        optimizer = make_optimizer("snfs", model)
+        dst.optimizer = optimizer
+        return model, dst, optimizer
+
+    def train(model, dst, optimizer, steps):
+        for step in steps:
+            x, y = batch(rank, step)
+            loss = nn.functional.cross_entropy(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            dst.step()
+
+    def weights(model):
+        return [p.detach().full_tensor() for p in model.parameters()]
+
+    model, dst, optimizer = build()
+    train(model, dst, optimizer, range(6))
+    straight, straight_digest = weights(model), mask_digest(dst.targets)
+    model, dst, optimizer = build()
+    train(model, dst, optimizer, range(3))
+    path = str(Path(out_dir, "dcp"))
+    distributed_checkpoint.save(path, model, optimizer, dst)
+    saved_digest = mask_digest(dst.targets)
+    del model, dst, optimizer
+    model, dst, optimizer = build()
+    distributed_checkpoint.load(path, model, optimizer, dst)
+    result = {"resumed_step": dst.step_count, "resumed_digest_equal": mask_digest(dst.targets) == saved_digest}
+    train(model, dst, optimizer, range(3, 6))
+    result["bitwise_equal"] = mask_digest(dst.targets) == straight_digest and all(
+        torch.equal(a, b) for a, b in zip(straight, weights(model)))
+    dist.barrier()
+    if rank == 0:
+        dcp_to_torch_save(path, str(Path(out_dir, "full.pt")))
+        full = torch.load(Path(out_dir, "full.pt"), weights_only=False)
+        plain = Net()
+        result["plain_missing_unexpected"] = [list(x) for x in plain.load_state_dict(full["model"], strict=True)]
+        torch.manual_seed(0)
+        unsharded = Net()
+        controller = dst_prune.apply(unsharded, seed=0, **arguments("snfs", "element"))
+        unsharded.load_state_dict(full["model"])
+        controller.load_state_dict(distributed_checkpoint.controller_state(full["dst_prune"]))
+        result["unsharded_digest_equal"] = mask_digest(controller.targets) == saved_digest
+        result["unsharded_zeros_outside"] = all(not bool(t.param.detach()[~t.mask].any()) for t in controller.targets)
+    dist.barrier()
+    return result
+
+
 def main(out_dir: str) -> None:
     dist.init_process_group("gloo")
     torch.set_num_threads(1)
@@ -199,6 +259,8 @@ def main(out_dir: str) -> None:
         if only is None or method in only:
             result["runs"][f"{method}:{granularity}"] = run(method, granularity, mesh, rank)
     result["refusals"] = refusals(mesh, rank)
+    if only is None or "checkpoint" in only:
+        result["checkpoint"] = checkpoint(mesh, rank, out_dir)
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
     gc.collect()  # (see ddp_masks.py: free what holds the process group before destroying it)
     dist.destroy_process_group()
