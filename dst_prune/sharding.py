@@ -120,11 +120,19 @@ class GatherScope:
     def __init__(self) -> None:
         self.masks: dict[int, torch.Tensor] = {}
         self.weight: tuple[int, torch.Tensor] | None = None
+        self.peak_bytes = 0  # the most bytes of gathered tensors held at once (a diagnostic)
+
+    def _held(self) -> None:
+        held = sum(m.numel() * m.element_size() for m in self.masks.values())
+        if self.weight is not None:
+            held += self.weight[1].numel() * self.weight[1].element_size()
+        self.peak_bytes = max(self.peak_bytes, held)
 
     def full_mask(self, target: object) -> torch.Tensor:
         key = id(target)
         if key not in self.masks:
             self.masks[key] = target.layout.gather(target.buffer_mask)
+            self._held()
         return self.masks[key]
 
     def full_weight(self, target: object) -> torch.Tensor:
@@ -132,6 +140,7 @@ class GatherScope:
         if self.weight is None or self.weight[0] != key:
             self.weight = None  # free the previous layer before gathering the next
             self.weight = (key, target.param.detach().full_tensor())
+            self._held()
         return self.weight[1]
 
     def forget_weight(self, target: object) -> None:

@@ -67,6 +67,8 @@ class DynamicSparsity(ControllerState, ModelCopies, stats.SparsityReports):
         self.ever_active = [pack_bits(t.mask) for t in targets]
         self._copies: list = []  # weak references to copies of the model (`add_copy`)
         self._decision: int | None = None  # FSDP2: the digest of the full masks this rank last decided
+        #: FSDP2: the most bytes of gathered full tensors the last update held at once (a diagnostic)
+        self.last_gathered_bytes = 0
         self.optimizer = optimizer
         algorithm.bind(self.context)
         model._register_load_state_dict_pre_hook(MaskCountCheck(self), with_module=True)
@@ -251,6 +253,7 @@ class DynamicSparsity(ControllerState, ModelCopies, stats.SparsityReports):
         finally:
             try:
                 self._decision = mask_digest(self.targets)
+                self.last_gathered_bytes = scope.peak_bytes
             finally:
                 for target in self.targets:
                     if id(target) in scope.masks:
