@@ -40,13 +40,18 @@ import torch
 __all__ = ["GatherScope", "ShardLayout", "is_dtensor", "local_tensor"]
 
 
+_DTENSOR: list = []  # the DTensor class, imported on first use (None where torch has no distributed)
+
+
 def is_dtensor(tensor: object) -> bool:
     """Whether `tensor` is a `torch.distributed.tensor.DTensor` (without importing it where it is unavailable)."""
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - builds without distributed
-        return False
-    return isinstance(tensor, DTensor)
+    if not _DTENSOR:
+        try:
+            import torch.distributed.tensor as dtensor
+        except ImportError:  # pragma: no cover - builds without distributed
+            dtensor = None
+        _DTENSOR.append(getattr(dtensor, "DTensor", None))
+    return _DTENSOR[0] is not None and isinstance(tensor, _DTENSOR[0])
 
 
 def local_tensor(tensor: torch.Tensor | None) -> torch.Tensor | None:

@@ -151,7 +151,7 @@ class DynamicSparsity(ControllerState, ModelCopies, stats.SparsityReports):
             for sink in self.context.sinks:
                 sink.take()
             return False
-        if self._sync_sharding() or any(t.sharded for t in self.targets):
+        if self._sync_sharding(quick=True) or self.targets[0].sharded:  # (all sharded, or none)
             for target in self.targets:  # (shards: keep the weights zero outside the masks, as the forward does)
                 target.refresh()
         step = self.context.step + 1
@@ -260,11 +260,16 @@ class DynamicSparsity(ControllerState, ModelCopies, stats.SparsityReports):
                         target.cache_counts(scope.masks[id(target)])
                     target.scope = None
 
-    def _sync_sharding(self) -> bool:
+    def _sync_sharding(self, quick: bool = False) -> bool:
         """Shard the masks of parameters FSDP2 sharded since (`SparseTarget.shard_mask`). Returns whether any.
 
-        Refuses FSDP1 (`FullyShardedDataParallel`), whose flat parameters cannot be masked in place.
+        Refuses FSDP1 (`FullyShardedDataParallel`), whose flat parameters cannot be masked in place. `quick`
+        (every `step()`) looks at the first sparse tensor only; every update and hand-over checks them all.
         """
+        first = self.targets[0]
+        if quick and (first.sharded or (first.attached and not is_dtensor(first.param)
+                                        and isinstance(first.param, nn.Parameter))):
+            return False
         for target in self.targets:
             refuse_fsdp1(target.module, target.tensor_name, target.name)
         if not any(t.attached and not t.sharded and is_dtensor(t.param) for t in self.targets):
