@@ -3,7 +3,7 @@
 Design (DESIGN.md rule 10; docs/fsdp.md):
 
 - **At rest, every rank keeps only its shard.** `fully_shard` turns `weight_orig` into a DTensor sharded
-  over the mesh; the first time the controller sees that (`shard_masks`, called when the optimizer is
+  over the mesh; the first time the controller sees that (`SparseTarget.shard_mask`, when the optimizer is
   handed over, at `step()` and before any update), it replaces the full bool `weight_mask` buffer, once,
   by the rank's own piece of it (a plain bool tensor of the local shard's shape, e.g. rows
   `[r * ceil(n / w), ...)` for `Shard(0)`), and from then on writes it in place only. Per-rank memory for
