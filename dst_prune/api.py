@@ -22,6 +22,7 @@ from .masking import attach, is_sparse, make_permanent
 from .optimizer_state import require_optimizer
 from .readers import attach_readers, direct_readers
 from .schedules import UpdateSchedule
+from .sharding import refuse_sharded
 from .sparsity import DynamicSparsity
 from .targets import NameFilter, TargetSpec, find_targets
 from .validation import check_choice, check_int, check_number, check_steps
@@ -37,6 +38,7 @@ def _check_model(model: object) -> nn.Module:
     if isinstance(model, torch.jit.ScriptModule):
         raise DSTError("model is a TorchScript module; apply dst_prune to the eager model. To script a trained "
                        "sparse model, script its export: torch.jit.script(dst_prune.export(model)).")
+    refuse_sharded(model, [], [])  # FSDP1 wrappers: before the targets are searched (their weights are flat)
     if is_sparse(model):
         raise DSTError("model is already sparse (dst_prune masks are attached). Keep using its controller, "
                        "call dst_prune.remove(model) first, or load a checkpoint with load_sparse_state_dict.")
@@ -164,6 +166,7 @@ def apply(model: nn.Module, *, sparsity: float, method: str = "dsr", distributio
     start_sparsity = algorithm.initial_sparsity(sparsity)
     specs = find_targets(model, include=include, exclude=exclude, dense_stem_and_head=dense_stem_and_head)
     params = [model.get_submodule(s.module_name)._parameters[s.tensor_name] for s in specs]
+    refuse_sharded(model, [s.name for s in specs], params)
     _refuse_non_finite(specs, params)
     groupings = groupings_for(granularity, [s.name for s in specs], [p.shape for p in params], sparsity=sparsity,
                               distribution=distribution, gradual=algorithm.gradual, layouts=[s.layout for s in specs])

@@ -19,6 +19,7 @@ from .optimizer_state import optimizer_state_like, unwrap_optimizer
 from .schedules import UpdateSchedule
 from .scores import finite_gradient
 from .selection import GROWTH_STREAM, derive_seed, index_mask
+from .sharding import local_tensor
 from .sparse_target import SparseTarget
 
 __all__ = ["SparsityContext", "Transaction"]
@@ -35,15 +36,17 @@ class Transaction:
         self.taken: list[tuple[DenseGradient, torch.Tensor | None]] = []  # dense gradients consumed
 
     def record(self, target: SparseTarget, indices: torch.Tensor, positions: torch.Tensor | None, active: bool,
-               tensors: Sequence[torch.Tensor]) -> None:
-        saved = [(t, _read(t, indices, positions)) for t in tensors]
-        self.writes.append((target, indices, positions, active, saved))
+               tensors: Sequence[torch.Tensor], at: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> None:
+        """Save the values of `tensors` at `at` (local `(indices, positions)` of shards; default: the mask's)."""
+        where = (indices, positions) if at is None else at
+        saved = [(t, _read(t, *where)) for t in tensors]
+        self.writes.append((target, indices, positions, active, (where, saved)))
 
     def undo(self) -> None:
         with torch.no_grad():
-            for target, indices, positions, active, saved in reversed(self.writes):
+            for target, indices, positions, active, (where, saved) in reversed(self.writes):
                 for tensor, values in saved:
-                    _write(tensor, indices, positions, values)
+                    _write(tensor, *where, values)
                 _fill(target.mask, indices, positions, not active)
                 target.refresh()
         for sink, value in self.taken:  # a retry finds the gradients it needs
@@ -152,15 +155,26 @@ class SparsityContext:
         if count:
             if positions is None and not target.mask.is_contiguous():
                 positions = index_mask(indices, target.shape, target.mask.device)
-            orig = target.orig
-            tensors = [t for t in (orig, orig.grad, *optimizer_state_like(unwrap_optimizer(self.optimizer), orig))
+            param = target.param
+            tensors = [t for t in (param, param.grad, *optimizer_state_like(unwrap_optimizer(self.optimizer), param))
                        if t is not None]
+            at = None
+            if target.sharded:  # write each rank's shards by index; the full mask is the update's (`sharding`)
+                tensors = [local_tensor(t) for t in tensors]
+                if positions is None and not all(t.is_contiguous() for t in tensors):
+                    positions = index_mask(indices, target.shape, target.mask.device)
+                at = target.layout.local_indices(indices, positions)
+                target.scope.forget_weight(target)
             if self.transaction is not None:
-                self.transaction.record(target, indices, positions, active, tensors)
+                self.transaction.record(target, indices, positions, active, [*tensors, target.buffer_mask]
+                                        if target.sharded else tensors, at)
+            where = (indices, positions) if at is None else at
             with torch.no_grad():
                 _fill(target.mask, indices, positions, active)
+                if target.sharded:
+                    _fill(target.buffer_mask, *where, active)
                 for tensor in tensors:
-                    _fill(tensor, indices, positions, 0)
+                    _fill(tensor, *where, 0)
             self.dirty.add(layer)
         if active:
             self.grown[layer] += count

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .bits import pack_bits, packed_length, unpack_bits
+from .distributed import mask_digest
 from .errors import DSTError
 from .masking import DSTHook
 from .schedules import UpdateSchedule
@@ -68,7 +69,8 @@ class ControllerState:
         Plain Python values and tensors only.
         """
         context = self.context
-        masks = [pack_bits(t.mask).cpu() for t in self.targets]
+        self._sync_sharding()
+        masks = [pack_bits(t.full_mask()).cpu() for t in self.targets]  # (sharded: gathered, on every rank)
         return {
             "format": STATE_FORMAT, "method": self.method, "targets": [t.name for t in self.targets],
             "sparsity": context.target_sparsity, "granularity": self.config.get("granularity", "element"),
@@ -170,6 +172,7 @@ class ControllerState:
         exactly as they were. The model's weights are loaded separately (`model.load_state_dict`), in
         either order.
         """
+        self._sync_sharding()
         values = self._prepared(state)
         context = self.context
         context.seed, context.step, context.update_index = values["seed"], values["step"], values["update_index"]
@@ -179,8 +182,10 @@ class ControllerState:
         if values["masks"] is not None:
             with torch.no_grad():
                 for target, mask in zip(self.targets, values["masks"]):
-                    target.mask.copy_(mask)
+                    target.write_full_mask(mask)
             self._reset_outside_masks()
+            if any(t.sharded for t in self.targets):
+                self._decision = mask_digest(self.targets, values["masks"])
         for mine, saved in zip(self.ever_active, values["ever_active"]):
             mine.copy_(saved)
         self.history = list(state["history"])

@@ -55,17 +55,25 @@ def ignore_masks_in_ddp(model: torch.nn.Module, targets: Sequence[SparseTarget])
     model._ddp_params_and_buffers_to_ignore = sorted(existing | names)
 
 
-def mask_digest(targets: Sequence[SparseTarget]) -> int:
-    """A 62-bit digest of every mask (names, shapes and values, in logical order)."""
+def mask_digest(targets: Sequence[SparseTarget], masks: Sequence[torch.Tensor] | None = None) -> int:
+    """A 62-bit digest of every full mask (names, shapes and values, in logical order), or of `masks` for them.
+
+    Sharded masks (FSDP2) are gathered one at a time: then it is a collective, to call on every rank.
+    """
     digest = hashlib.blake2b(digest_size=8)
-    for t in targets:
+    for i, t in enumerate(targets):
         digest.update(f"{t.name}{tuple(t.shape)}".encode())
-        digest.update(t.mask.detach().reshape(-1).cpu().numpy().tobytes())
+        mask = t.full_mask() if masks is None else masks[i]
+        digest.update(mask.detach().reshape(-1).cpu().numpy().tobytes())
     return int.from_bytes(digest.digest(), "little") >> 2
 
 
-def check_sync(targets: Sequence[SparseTarget], *, raise_on_mismatch: bool = True) -> bool:
+def check_sync(targets: Sequence[SparseTarget], *, raise_on_mismatch: bool = True, decision: int | None = None) -> bool:
     """Whether every rank holds the same masks (always True outside a distributed run).
+
+    With `decision` (sharded masks, where ranks hold disjoint pieces): whether every rank decided the same
+    full masks (`decision`, the digest of the full masks it computed at its last update) and the shards
+    gathered now make exactly those.
 
     Raises:
         RuntimeError: the masks differ and `raise_on_mismatch` is set.
@@ -74,12 +82,14 @@ def check_sync(targets: Sequence[SparseTarget], *, raise_on_mismatch: bool = Tru
         return True
     local = mask_digest(targets)
     device = targets[0].mask.device if dist.get_backend() == "nccl" else torch.device("cpu")
-    low = torch.tensor([local], dtype=torch.int64, device=device)
+    values = [local] if decision is None else [local, decision]
+    low = torch.tensor(values, dtype=torch.int64, device=device)
     high = low.clone()
     dist.all_reduce(low, op=dist.ReduceOp.MIN)
     dist.all_reduce(high, op=dist.ReduceOp.MAX)
-    in_sync = int(low) == int(high) == local
+    in_sync = low.tolist() == high.tolist() == [local] * len(values)
     if not in_sync and raise_on_mismatch:
-        raise RuntimeError(f"dst_prune masks differ across ranks (rank {dist.get_rank()} digest {local:#x}). "
+        what = "masks" if decision is None else "sharded masks (the full masks each rank decided)"
+        raise RuntimeError(f"dst_prune {what} differ across ranks (rank {dist.get_rank()} digest {local:#x}). "
                            f"Masks must depend only on synced weights, all-reduced scores and the seed.")
     return in_sync

@@ -22,6 +22,7 @@ Anything a pruned position of `weight_orig` held is discarded at the next forwar
 mask means; the tests check that outputs equal those of a `remove()`d copy. Writing into `weight`
 between forwards writes into `weight_orig` (they share memory), and the next forward re-masks it.
 Under `torch.compile` the plain product is traced instead (no in-place write inside the graph).
+Under FSDP2 the mask is a shard and the all-gathered weight passes through (`dst_prune.sharding`).
 """
 
 from __future__ import annotations
@@ -72,6 +73,8 @@ def masked_weight(module: nn.Module, name: str, last: list) -> torch.Tensor:
     version) since this function last masked it.
     """
     orig, mask = module._parameters[name + "_orig"], module._buffers[name + "_mask"]
+    if mask.shape != orig.shape:  # FSDP2: `orig` is the all-gathered weight, already masked; `mask` a shard
+        return orig.view_as(orig) if torch.is_grad_enabled() and orig.requires_grad else orig.detach()
     if torch.compiler.is_compiling():
         return torch.where(mask, orig, 0)
     if _sources(orig, mask) != last:

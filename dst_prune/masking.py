@@ -26,6 +26,7 @@ from torch.nn.utils import prune
 from .gradients import sink_for
 from .groups import Grouping
 from .masked_weight import masked_weight, zero_outside
+from .sharding import refuse_fsdp1
 from .sparse_target import SparseTarget
 from .targets import TargetSpec
 
@@ -68,6 +69,8 @@ class DSTMask(prune.BasePruningMethod):
 
     def __call__(self, module: nn.Module, inputs: object) -> None:
         """Recompute `weight = weight_orig * weight_mask` (and capture its dense gradient when armed)."""
+        if not isinstance(module._parameters.get(self._tensor_name + "_orig"), nn.Parameter):
+            refuse_fsdp1(module, self._tensor_name, f"{type(module).__name__}.{self._tensor_name}")  # FSDP1
         weight = masked_weight(module, self._tensor_name, self._written)
         sink = sink_for(module, self._tensor_name)
         if sink is not None and weight.requires_grad:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Iterator
 
@@ -14,12 +15,13 @@ from .bits import count_bits, pack_bits
 from .context import SparsityContext, Transaction
 from .controller_state import ControllerState, MaskCountCheck
 from .copies import ModelCopies
-from .distributed import broadcast_masks, check_sync, ignore_masks_in_ddp
+from .distributed import broadcast_masks, check_sync, ignore_masks_in_ddp, mask_digest
 from .errors import DSTError
 from .gradients import arm, disarm
 from .masked_weight import zero_outside
 from .optimizer_state import optimizer_state_like, require_optimizer, unwrap_optimizer
 from .schedules import UpdateSchedule
+from .sharding import GatherScope, is_dtensor, local_tensor, refuse_fsdp1
 from .sparse_target import SparseTarget
 from .validation import check_int
 
@@ -64,6 +66,9 @@ class DynamicSparsity(ControllerState, ModelCopies, stats.SparsityReports):
         self.history: list[dict] = []
         self.ever_active = [pack_bits(t.mask) for t in targets]
         self._copies: list = []  # weak references to copies of the model (`add_copy`)
+        self._decision: int | None = None  # FSDP2: the digest of the full masks this rank last decided
+        #: FSDP2: the most bytes of gathered full tensors the last update held at once (a diagnostic)
+        self.last_gathered_bytes = 0
         self.optimizer = optimizer
         algorithm.bind(self.context)
         model._register_load_state_dict_pre_hook(MaskCountCheck(self), with_module=True)
@@ -77,6 +82,7 @@ class DynamicSparsity(ControllerState, ModelCopies, stats.SparsityReports):
     @optimizer.setter
     def optimizer(self, optimizer: object) -> None:
         inner = require_optimizer(optimizer)
+        self._sync_sharding()
         if inner is not None:
             held = {id(p) for group in inner.param_groups for p in group["params"]}
             missing = [t.name for t in self.targets if id(t.orig) not in held]
@@ -145,6 +151,9 @@ class DynamicSparsity(ControllerState, ModelCopies, stats.SparsityReports):
             for sink in self.context.sinks:
                 sink.take()
             return False
+        if self._sync_sharding(quick=True) or self.targets[0].sharded:  # (all sharded, or none)
+            for target in self.targets:  # (shards: keep the weights zero outside the masks, as the forward does)
+                target.refresh()
         step = self.context.step + 1
         updated = self.algorithm.is_update_step(step)
         if updated:
@@ -204,6 +213,10 @@ class DynamicSparsity(ControllerState, ModelCopies, stats.SparsityReports):
 
     def _transaction(self, update: Callable[[], object], *, begins: bool, ends: bool) -> object:
         """Run (part of) an update; on any exception undo every change it made, then re-raise."""
+        with self._gathered():
+            return self._transaction_body(update, begins=begins, ends=ends)
+
+    def _transaction_body(self, update: Callable[[], object], *, begins: bool, ends: bool) -> object:
         context = self.context
         saved = (context.budget, self.algorithm.snapshot(), len(self.history))
         transaction = context.transaction = Transaction()
@@ -226,8 +239,59 @@ class DynamicSparsity(ControllerState, ModelCopies, stats.SparsityReports):
         finally:
             context.transaction = None
 
+    @contextlib.contextmanager
+    def _gathered(self) -> Iterator[None]:
+        """While an update runs, sharded targets show their full tensors (`dst_prune.sharding.GatherScope`)."""
+        if not any(t.sharded for t in self.targets):
+            yield
+            return
+        scope = GatherScope()
+        for target in self.targets:
+            target.scope = scope
+        try:
+            yield
+        finally:
+            try:
+                self._decision = mask_digest(self.targets)
+                self.last_gathered_bytes = scope.peak_bytes
+            finally:
+                for target in self.targets:
+                    if id(target) in scope.masks:
+                        target.cache_counts(scope.masks[id(target)])
+                    target.scope = None
+
+    def _sync_sharding(self, quick: bool = False) -> bool:
+        """Shard the masks of parameters FSDP2 sharded since (`SparseTarget.shard_mask`). Returns whether any.
+
+        Refuses FSDP1 (`FullyShardedDataParallel`), whose flat parameters cannot be masked in place. `quick`
+        (every `step()`) looks at the first sparse tensor only; every update and hand-over checks them all.
+        """
+        first = self.targets[0]
+        if quick and (first.sharded or (first.attached and not is_dtensor(first.param)
+                                        and isinstance(first.param, nn.Parameter))):
+            return False
+        for target in self.targets:
+            refuse_fsdp1(target.module, target.tensor_name, target.name)
+        if not any(t.attached and not t.sharded and is_dtensor(t.param) for t in self.targets):
+            return False
+        self._refuse_mixed_sharding()
+        self._decision = mask_digest(self.targets)  # the full masks, still replicated: no collective
+        for target in self.targets:
+            target.shard_mask()
+        logger.info("dst_prune: %d sparse tensors are sharded (FSDP2); their masks now hold each rank's shard",
+                    sum(t.sharded for t in self.targets))
+        return True
+
+    def _refuse_mixed_sharding(self) -> None:
+        plain = [t.name for t in self.targets if not is_dtensor(t.param)]
+        if plain:
+            raise DSTError(f"{plain[0]} (and {len(plain) - 1} more sparse tensors) is not sharded while others are: "
+                           f"apply fully_shard to every block that holds sparse weights and then to the root model "
+                           f"(fully_shard(block) for each block, then fully_shard(model)) before training.")
+
     def _ensure_ready(self) -> None:
         """Refuse an update the masks cannot take: removed masks, or a count other than the budget."""
+        self._sync_sharding()
         self.algorithm.check_ready()
         detached = [t.name for t in self.targets if not t.attached]
         if detached:
@@ -276,7 +340,14 @@ class DynamicSparsity(ControllerState, ModelCopies, stats.SparsityReports):
         self.sync_copies()
 
     def check_sync(self) -> bool:
-        """Whether all ranks hold identical masks; raises RuntimeError if not. True outside DDP."""
+        """Whether all ranks hold identical masks; raises RuntimeError if not. True outside DDP.
+
+        Sharded (FSDP2): whether every rank decided the same full masks at the last update and the shards
+        together make exactly those masks (gathers each mask once: call it on every rank).
+        """
+        self._sync_sharding()
+        if any(t.sharded for t in self.targets):
+            return check_sync(self.targets, decision=self._decision)
         return check_sync(self.targets)
 
     def _reset_outside_masks(self) -> None:
@@ -284,16 +355,17 @@ class DynamicSparsity(ControllerState, ModelCopies, stats.SparsityReports):
         optimizer = unwrap_optimizer(self.optimizer)
         with torch.no_grad():
             for target in self.targets:
-                for tensor in (target.orig, target.orig.grad, *optimizer_state_like(optimizer, target.orig)):
+                param = target.param
+                for tensor in (param, param.grad, *optimizer_state_like(optimizer, param)):
                     if tensor is not None:
-                        zero_outside(tensor, target.mask)
+                        zero_outside(local_tensor(tensor), target.buffer_mask)
                 target.refresh()
 
     # --- inspection (the tables and history are in stats.SparsityReports) ----------------------
     def named_sparse_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """`(name, parameter)` for each sparse tensor: `layer1.0.conv1.weight` and its `weight_orig`."""
         for t in self.targets:
-            yield t.name, t.orig
+            yield t.name, t.param
 
     def sparse_parameters(self) -> Iterator[nn.Parameter]:
         """The trainable `weight_orig` parameters of the sparse tensors."""
