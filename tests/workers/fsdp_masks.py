@@ -190,9 +190,7 @@ def refusals(mesh, rank: int) -> dict:
 
 def checkpoint(mesh, rank: int, out_dir: str) -> dict:
     """SNFS (its momentum is controller state) for 6 steps, against 3 steps, a DCP save, a fresh sharded model
-    loading it, and 3 more steps; then the checkpoint as one plain file, loaded into an unsharded model."""
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
+    loading it, and 3 more steps; then the checkpoint read on one process into an unsharded model."""
     from dst_prune import distributed_checkpoint
 
     def build():
@@ -233,15 +231,14 @@ def checkpoint(mesh, rank: int, out_dir: str) -> dict:
         torch.equal(a, b) for a, b in zip(straight, weights(model)))
     dist.barrier()
     if rank == 0:
-        dcp_to_torch_save(path, str(Path(out_dir, "full.pt")))
-        full = torch.load(Path(out_dir, "full.pt"), weights_only=False)
-        plain = Net()
-        result["plain_missing_unexpected"] = [list(x) for x in plain.load_state_dict(full["model"], strict=True)]
+        plain = Net()  # an untouched model: the checkpoint's weights, read on one process
+        state = distributed_checkpoint.load_unsharded(path, plain)
+        result["plain_missing_unexpected"] = [list(x) for x in Net().load_state_dict(state, strict=True)]
         torch.manual_seed(0)
         unsharded = Net()
         controller = dst_prune.apply(unsharded, seed=0, **arguments("snfs", "element"))
-        unsharded.load_state_dict(full["model"])
-        controller.load_state_dict(distributed_checkpoint.controller_state(full["dst_prune"]))
+        unsharded.load_state_dict(state)
+        controller.load_state_dict(distributed_checkpoint.controller_state(path))
         result["unsharded_digest_equal"] = mask_digest(controller.targets) == saved_digest
         result["unsharded_zeros_outside"] = all(not bool(t.param.detach()[~t.mask].any()) for t in controller.targets)
     dist.barrier()
