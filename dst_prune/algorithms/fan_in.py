@@ -8,9 +8,11 @@ exactly, so `n * k` must equal the layer's count. Two places need a scheme for t
   are in general not multiples of the layer's `out_l` neurons. `plan_fan_in` gives every layer the fan-in
   `floor(c_l / out_l)` with all its neurons, and hands the few weights left over (fewer than the total
   number of neurons) to one layer, the *absorber*, whose count is then split as `n * k` with the fewest
-  ablated neurons (the largest divisor `n <= out` of its count with `k <= fan-in of a dense row`). The
-  global total stays exact; every layer but one matches its distribution's density to within one weight
-  per neuron, and the absorber starts with a few neurons ablated (often none: when the counts divide).
+  ablated neurons (the largest divisor `n <= out` of its count with `k <= fan-in of a dense row`); when no
+  single layer can (its count would be a prime, say), two layers share it. The global total stays exact;
+  every other layer matches its distribution's density to within one weight per neuron, and the absorber
+  starts with a few neurons ablated (often none: when the counts divide). Only layers close to dense can
+  make it impossible (a `DSTError` then asks for a slightly different sparsity).
 - **At an update** a layer keeps its count `B` (budget never moves between layers), so the number of active
   neurons must divide `B`: `neurons_for` keeps the smallest divisor of `B` that is at least the number of
   neurons the ablation criterion keeps (so no neuron that passes it is ablated; a few of the most salient
@@ -93,6 +95,32 @@ def _candidate(counts: Sequence[int], outs: Sequence[int], fans: Sequence[int], 
     return (ablated, deviation), plan
 
 
+def _pair_candidate(counts: Sequence[int], outs: Sequence[int], fans: Sequence[int], helper: int,
+                    absorber: int) -> tuple[tuple[int, int], FanInPlan] | None:
+    """The plan in which layers `helper` and `absorber` share the remainder (when no single layer can take it):
+    the helper tries every count within a few rows of its own, the absorber takes the rest."""
+    plan: FanInPlan = [(out, count // out) if count >= out else (count, 1) for count, out in zip(counts, outs)]
+    pair = sum(counts[i] - plan[i][0] * plan[i][1] for i in range(len(counts))) + sum(
+        plan[i][0] * plan[i][1] for i in (helper, absorber))
+    window = 4 * outs[helper] + pair - plan[helper][0] * plan[helper][1]
+    best = None
+    low = max(1, pair - outs[absorber] * fans[absorber], counts[helper] - window)
+    for mine in range(low, min(outs[helper] * fans[helper], pair - 1, counts[helper] + window) + 1):
+        n, m = _largest_split(mine, outs[helper], fans[helper]), _largest_split(pair - mine, outs[absorber],
+                                                                               fans[absorber])
+        if n and m:
+            ablated = outs[helper] - n + outs[absorber] - m
+            score = (ablated, abs(mine - counts[helper]) + abs(pair - mine - counts[absorber]))
+            if best is None or score < best[0]:
+                best = (score, mine, n, m)
+    if best is None:
+        return None
+    _, mine, n, m = best
+    plan[helper], plan[absorber] = (n, mine // n), (m, (pair - mine) // m)
+    ablated = sum(out - p[0] for out, p in zip(outs, plan))
+    return (ablated, sum(abs(p[0] * p[1] - c) for p, c in zip(plan, counts))), plan
+
+
 def plan_fan_in(counts: Sequence[int], outs: Sequence[int], fans: Sequence[int], names: Sequence[str]) -> FanInPlan:
     """(active neurons, fan-in) per layer with `sum(n * k) == sum(counts)` exactly (the module docstring's scheme).
 
@@ -109,6 +137,11 @@ def plan_fan_in(counts: Sequence[int], outs: Sequence[int], fans: Sequence[int],
     for absorber in range(len(counts)):
         for greedy in (True, False):
             found = _candidate(counts, outs, fans, absorber, greedy)
+            if found is not None and (best is None or found[0] < best[0]):
+                best = found
+    for helper in range(len(counts)) if best is None else ():
+        for absorber in range(len(counts)):
+            found = _pair_candidate(counts, outs, fans, helper, absorber) if helper != absorber else None
             if found is not None and (best is None or found[0] < best[0]):
                 best = found
     if best is None:
