@@ -22,17 +22,17 @@ __all__ = ["SRigL"]
 class SRigL(RigL):
     """SRigL: RigL with a constant fan-in per neuron and ablation of neurons with too few salient weights.
 
-    Lasby et al. 2024, Section 4 and Algorithm 1. Every sparse layer `l` (a Linear: per output row; a
-    convolution: per output channel, over `in/groups x kh x kw`) holds `n_l` active neurons with exactly
-    `k_l` active weights each (constant fan-in), and the other neurons ablated. Every `update_every` steps
-    until `T_end` (RigL's schedule), in each layer with budget `B = n k`:
+    Lasby et al. 2024 (the SRigL method: constant fan-in and neuron ablation; its Algorithm 1). Every sparse
+    layer `l` (a Linear: per output row; a convolution: per output channel, over `in/groups x kh x kw`) holds
+    `n_l` active neurons with exactly `k_l` active weights each (constant fan-in), and the other neurons
+    ablated. Every `update_every` steps until `T_end` (RigL's schedule), in each layer with budget `B = n k`:
 
     1. RigL's layer-wise decision (Evci et al. 2020, eq. 1): `K = floor(f(t) B)` with `f(t) = alpha / 2 *
        (1 + cos(pi t / T_end))`; the `B - K` largest `|w|` among the active weights are *kept* and the `K`
        largest `|dL/dW|` among the other positions would be *grown*.
-    2. Saliency (Section 4.2): the salient weights of neuron `r` are its kept ones and those with a positive
-       gradient among the would-be grown ones; `s_r` is their number.
-    3. Neuron ablation (Section 4.2): neuron `r` stays active iff `s_r >= max(min_salient_weights,
+    2. Saliency (the paper's neuron ablation): the salient weights of neuron `r` are its kept ones and those
+       with a positive gradient among the would-be grown ones; `s_r` is their number.
+    3. Neuron ablation: neuron `r` stays active iff `s_r >= max(min_salient_weights,
        ceil(gamma_sal * k))`; at least `ceil(B / fan_in)` neurons stay (a row holds at most `fan_in`).
        Ablated neurons lose all their weights; the active ones' fan-in grows to `k' = B / n'` so the layer
        keeps its budget exactly. `n'` must divide `B`: it is the smallest divisor of `B` at or above the
