@@ -122,7 +122,7 @@ def test_constant_fan_in_exact_budget_and_invariants_after_every_update_of_a_cnn
     dst = dst_prune.apply(model, sparsity=0.8, method="srigl", distribution=distribution, optimizer=optimizer,
                           update_every=2, total_steps=14, init="random", gamma_sal=0.6)
     assert_constant_fan_in(dst)
-    assert train(model, optimizer, dst, 14, cnn_batch) >= 5
+    assert train(model, optimizer, dst, 14, cnn_batch) >= 4
     assert dst.budget == round(0.2 * dst.n_sparse)
     assert sum(sum(r["grown"]) for r in dst.history) > 0
 

@@ -8,11 +8,13 @@ exactly, so `n * k` must equal the layer's count. Two places need a scheme for t
   are in general not multiples of the layer's `out_l` neurons. `plan_fan_in` gives every layer the fan-in
   `floor(c_l / out_l)` with all its neurons, and hands the few weights left over (fewer than the total
   number of neurons) to one layer, the *absorber*, whose count is then split as `n * k` with the fewest
-  ablated neurons (the largest divisor `n <= out` of its count with `k <= fan-in of a dense row`); when no
-  single layer can (its count would be a prime, say), two layers share it. The global total stays exact;
-  every other layer matches its distribution's density to within one weight per neuron, and the absorber
-  starts with a few neurons ablated (often none: when the counts divide). Only layers close to dense can
-  make it impossible (a `DSTError` then asks for a slightly different sparsity).
+  ablated neurons (the largest divisor `n <= out` of its count with `k <= fan-in of a dense row`), or two
+  layers share it (one taking a shape close to its own, the other the rest). Of these plans the one with
+  the least `_cost` wins: the fraction of each layer's neurons ablated, plus the weights moved between
+  layers as a fraction of the total (and a penalty where a layer's count would move by over a quarter).
+  The global total stays exact, layers stay close to their distribution's counts, and at most a few
+  neurons start ablated (none when the counts divide). Only layers close to dense can make it
+  impossible (a `DSTError` then asks for a slightly different sparsity).
 - **At an update** a layer keeps its count `B` (budget never moves between layers), so the number of active
   neurons must divide `B`: `neurons_for` keeps the smallest divisor of `B` that is at least the number of
   neurons the ablation criterion keeps (so no neuron that passes it is ablated; a few of the most salient
@@ -70,13 +72,25 @@ def neurons_for(count: int, wanted: int, out: int, fan: int) -> int:
     return above[0] if above else divisors[-1]
 
 
+def _cost(plan: FanInPlan, counts: Sequence[int], outs: Sequence[int]) -> float:
+    """How far a plan is from the distribution: the fraction of each layer's neurons ablated (losing 13 of 32
+    channels weighs more than 2 of 128), plus the weights moved between layers as a fraction of the total,
+    plus a penalty for any layer whose count moves by more than a quarter."""
+    total = sum(counts)
+    return sum((out - n) / out + abs(n * k - c) / total + max(0.0, abs(n * k - c) / c - 0.25)
+               for (n, k), c, out in zip(plan, counts, outs))
+
+
+def _base(counts: Sequence[int], outs: Sequence[int]) -> FanInPlan:
+    """Every neuron with fan-in `floor(count / out)`; a layer with fewer weights than neurons: one each."""
+    return [(out, count // out) if count >= out else (count, 1) for count, out in zip(counts, outs)]
+
+
 def _candidate(counts: Sequence[int], outs: Sequence[int], fans: Sequence[int], absorber: int,
-               greedy: bool) -> tuple[tuple[int, int], FanInPlan] | None:
+               greedy: bool) -> FanInPlan | None:
     """The plan in which layer `absorber` takes the remainder; with `greedy`, other layers first take whole
-    extra rows (fan-in + 1) by largest fractional share. Returns ((ablated neurons, deviation), plan)."""
-    plan: FanInPlan = []
-    for count, out in zip(counts, outs):
-        plan.append((out, count // out) if count >= out else (count, 1))  # fewer weights than neurons: 1 each
+    extra rows (fan-in + 1) by largest fractional share."""
+    plan = _base(counts, outs)
     left = sum(counts) - sum(n * k for n, k in plan)
     if greedy:
         order = sorted((i for i in range(len(counts)) if i != absorber and plan[i][0] == outs[i]),
@@ -90,35 +104,35 @@ def _candidate(counts: Sequence[int], outs: Sequence[int], fans: Sequence[int], 
     if not n:
         return None
     plan[absorber] = (n, total // n)
-    ablated = sum(out - p[0] for out, p in zip(outs, plan))
-    deviation = sum(abs(p[0] * p[1] - c) for p, c in zip(plan, counts))
-    return (ablated, deviation), plan
+    return plan
+
+
+#: below this many weights a helper layer tries every count of its window, not only near-full shapes
+_EXHAUSTIVE = 20000
 
 
 def _pair_candidate(counts: Sequence[int], outs: Sequence[int], fans: Sequence[int], helper: int,
-                    absorber: int) -> tuple[tuple[int, int], FanInPlan] | None:
-    """The plan in which layers `helper` and `absorber` share the remainder (when no single layer can take it):
-    the helper tries every count within a few rows of its own, the absorber takes the rest."""
-    plan: FanInPlan = [(out, count // out) if count >= out else (count, 1) for count, out in zip(counts, outs)]
-    pair = sum(counts[i] - plan[i][0] * plan[i][1] for i in range(len(counts))) + sum(
-        plan[i][0] * plan[i][1] for i in (helper, absorber))
-    window = 4 * outs[helper] + pair - plan[helper][0] * plan[helper][1]
-    best = None
-    low = max(1, pair - outs[absorber] * fans[absorber], counts[helper] - window)
-    for mine in range(low, min(outs[helper] * fans[helper], pair - 1, counts[helper] + window) + 1):
-        n, m = _largest_split(mine, outs[helper], fans[helper]), _largest_split(pair - mine, outs[absorber],
-                                                                               fans[absorber])
+                    absorber: int) -> FanInPlan | None:
+    """The plan in which layers `helper` and `absorber` share the remainder: the helper takes a shape close to
+    its own (up to 3 neurons fewer, fan-in within 2; small layers: any count within a few rows), the
+    absorber the rest."""
+    plan = _base(counts, outs)
+    pair = sum(counts) - sum(n * k for i, (n, k) in enumerate(plan) if i not in (helper, absorber))
+    out, fan, k0 = outs[helper], fans[helper], max(1, counts[helper] // outs[helper])
+    options = {n * k for n in range(max(1, out - 3), out + 1) for k in range(max(1, k0 - 2), min(fan, k0 + 2) + 1)}
+    if out * fan <= _EXHAUSTIVE:
+        window = 4 * out + pair - plan[helper][0] * plan[helper][1]
+        options.update(range(max(1, counts[helper] - window), min(out * fan, counts[helper] + window) + 1))
+    best, best_cost = None, math.inf
+    for mine in sorted(v for v in options if 0 < v < pair and pair - v <= outs[absorber] * fans[absorber]):
+        n, m = _largest_split(mine, out, fan), _largest_split(pair - mine, outs[absorber], fans[absorber])
         if n and m:
-            ablated = outs[helper] - n + outs[absorber] - m
-            score = (ablated, abs(mine - counts[helper]) + abs(pair - mine - counts[absorber]))
-            if best is None or score < best[0]:
-                best = (score, mine, n, m)
-    if best is None:
-        return None
-    _, mine, n, m = best
-    plan[helper], plan[absorber] = (n, mine // n), (m, (pair - mine) // m)
-    ablated = sum(out - p[0] for out, p in zip(outs, plan))
-    return (ablated, sum(abs(p[0] * p[1] - c) for p, c in zip(plan, counts))), plan
+            trial = list(plan)
+            trial[helper], trial[absorber] = (n, mine // n), (m, (pair - mine) // m)
+            cost = _cost(trial, counts, outs)
+            if cost < best_cost:
+                best, best_cost = trial, cost
+    return best
 
 
 def plan_fan_in(counts: Sequence[int], outs: Sequence[int], fans: Sequence[int], names: Sequence[str]) -> FanInPlan:
@@ -133,20 +147,14 @@ def plan_fan_in(counts: Sequence[int], outs: Sequence[int], fans: Sequence[int],
     Raises:
         DSTError: no layer can absorb the remainder (tiny models at sparsities whose count has no suitable divisor).
     """
-    best = None
-    for absorber in range(len(counts)):
-        for greedy in (True, False):
-            found = _candidate(counts, outs, fans, absorber, greedy)
-            if found is not None and (best is None or found[0] < best[0]):
-                best = found
-    for helper in range(len(counts)) if best is None else ():
-        for absorber in range(len(counts)):
-            found = _pair_candidate(counts, outs, fans, helper, absorber) if helper != absorber else None
-            if found is not None and (best is None or found[0] < best[0]):
-                best = found
+    plans = [_candidate(counts, outs, fans, j, greedy) for j in range(len(counts)) for greedy in (True, False)]
+    largest = sorted(range(len(counts)), key=lambda i: (-counts[i], i))[:max(4, 8 - len(counts))]
+    plans += [_pair_candidate(counts, outs, fans, h, a) for h in largest for a in largest if h != a]
+    plans = [p for p in plans if p is not None]
+    best = min(plans, key=lambda p: _cost(p, counts, outs)) if plans else None
     if best is None:
         raise DSTError(f"method='srigl' keeps the same number of active inputs in every active neuron of a layer, "
                        f"and {sum(counts)} active weights cannot be split that way over "
                        f"{', '.join(names[:3])}{' ...' if len(names) > 3 else ''} (per layer {list(counts)}). Pick "
                        f"a slightly different sparsity.")
-    return best[1]
+    return best
