@@ -171,7 +171,8 @@ def apply(model: nn.Module, *, sparsity: float, method: str = "dsr", distributio
     groupings = groupings_for(granularity, [s.name for s in specs], [p.shape for p in params], sparsity=sparsity,
                               distribution=distribution, gradual=algorithm.gradual, layouts=[s.layout for s in specs])
     masks = initial_masks(specs, params, sparsity=start_sparsity, final_sparsity=sparsity,
-                          distribution=distribution, init=init, seed=seed, groupings=groupings)
+                          distribution=distribution, init=init, seed=seed, groupings=groupings,
+                          algorithm=algorithm)
     require_optimizer(optimizer)
     config = {"distribution": distribution, "init": init, "granularity": granularity,
               "hyperparameters": dict(hyperparameters), "stop_fraction": stop_fraction, "stop_step": stop_step}

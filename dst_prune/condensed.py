@@ -164,7 +164,7 @@ def _fan_in_problem(module: nn.Module, mask: torch.Tensor) -> str | None:
         return "it has no active weight"
     if int(active.min()) != int(active.max()):
         return f"its fan-in is not constant: active rows have {int(active.min())} to {int(active.max())} active " \
-               f"inputs (train with constant fan-in, e.g. granularity='n:m', or SRigL)"
+               f"inputs (train with constant fan-in, e.g. granularity='n:m', or method='srigl')"
     return None
 
 
@@ -216,7 +216,7 @@ def refuse_if_empty(masks: dict[str, torch.Tensor], dense: dict[str, str]) -> No
         listed = "; ".join(f"{n}: {w}" for n, w in list(dense.items())[:5]) or "no sparse layer"
         raise DSTError(f"format='condensed' found no layer to condense ({listed}). It needs sparse nn.Linear or 1x1 "
                        f"nn.Conv2d layers whose active rows all have the same number of active inputs; train with "
-                       f"granularity='n:m' or a constant fan-in method, or use format='csr'.")
+                       f"method='srigl' or granularity='n:m', or use format='csr'.")
 
 
 def condense(exported: nn.Module, masks: dict[str, torch.Tensor]) -> nn.Module:

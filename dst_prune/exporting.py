@@ -7,7 +7,7 @@
   `torch.sparse.to_sparse_semi_structured` (2:4 masks, from `granularity="2:4"`), which NVIDIA GPUs of
   compute capability 8.0+ multiply with sparse tensor cores, in float16 or bfloat16.
 - `condensed`: as `dense`, with each sparse `nn.Linear` and 1x1 `nn.Conv2d` of constant fan-in (every
-  active row has the same number of active inputs: `granularity="n:m"`, SRigL) replaced by a
+  active row has the same number of active inputs: `method="srigl"`, `granularity="n:m"`) replaced by a
   `CondensedLinear` (`dst_prune.condensed`): the kept rows' input indices and weights as dense arrays;
   ablated rows (no active input) output their bias. Other layers stay dense (logged at INFO).
 - `shrink`: as `dense`, physically smaller: output channels without an active weight (`granularity=

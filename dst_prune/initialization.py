@@ -40,7 +40,7 @@ def _refuse_empty(specs: Sequence[TargetSpec], counts: Sequence[int], sparsity: 
 
 def initial_masks(specs: Sequence[TargetSpec], params: Sequence[torch.Tensor], *, sparsity: float,
                   final_sparsity: float, distribution: str, init: str, seed: int,
-                  groupings: Sequence[Grouping] | None = None) -> list[torch.Tensor]:
+                  groupings: Sequence[Grouping] | None = None, algorithm: object = None) -> list[torch.Tensor]:
     """Bool masks with exactly `round((1 - sparsity) * N)` active groups in all (`N` groups; weights by default).
 
     Args:
@@ -54,6 +54,8 @@ def initial_masks(specs: Sequence[TargetSpec], params: Sequence[torch.Tensor], *
         seed: the seed of `random`.
         groupings: the groups pruned as wholes (`granularity`); weights by default. With `n:m`, every
             block of `m` keeps its `n` best.
+        algorithm: the `SparseAlgorithm`, whose `initial_groups` may reshape the chosen masks into its pattern
+            (SRigL's constant fan-in), keeping the total.
     """
     groupings = groupings or [Grouping(p.shape) for p in params]
     shapes, sizes = [p.shape for p in params], [g.n_groups for g in groupings]
@@ -70,4 +72,6 @@ def initial_masks(specs: Sequence[TargetSpec], params: Sequence[torch.Tensor], *
         counts = layer_budgets(shapes, sparsity, distribution, sizes)
         _refuse_empty(specs, counts, sparsity, distribution)
         chosen = [g.initial_groups(s, c) for g, s, c in zip(groupings, scores, counts)]
+    if algorithm is not None:
+        chosen = algorithm.initial_groups(list(specs), list(groupings), scores, chosen)
     return [_like(p, g, c) for p, g, c in zip(params, groupings, chosen)]

@@ -13,7 +13,7 @@ import dst_prune
 from dst_prune.distributions import apportion, total_budget
 from dst_prune.schedules import cubic_sparsity
 
-DYNAMIC = ["set", "dsr", "rigl", "snfs", "granet"]
+DYNAMIC = ["set", "dsr", "rigl", "srigl", "snfs", "granet"]
 
 
 def linear_with(weight, mask, **kwargs):

@@ -26,6 +26,23 @@ def test_mnist_methods_benchmark_smoke(datapath, tmp_path):
     assert "| rigl |" in (tmp_path / "mnist_methods.md").read_text()
 
 
+@pytest.mark.slow
+def test_structured_accuracy_benchmark_smoke(datapath, tmp_path):
+    command = [sys.executable, str(ROOT / "benchmarks" / "structured_accuracy.py"), "--data", str(datapath),
+               "--mnist-epochs", "1", "--mnist-train-images", "3000", "--seeds", "0", "--sparsities", "0.9",
+               "--cifar-sparsities", "--update-every", "5", "--workers", "1", "--output-dir", str(tmp_path)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "srigl / rigl" in result.stdout
+    runs = json.loads((tmp_path / "structured_accuracy.json").read_text())["runs"]
+    assert {r["method"] for r in runs} == {"dense", "static", "rigl", "srigl"}
+    assert all(r["accuracy"] > 0.2 for r in runs)  # 30 steps: above chance, no more
+    assert all(abs(r["measured_sparsity"] - 0.9) < 1e-4 and r["updates"] > 0 for r in runs if r["method"] != "dense"
+               and r["method"] != "static")
+    assert (tmp_path / "structured_accuracy.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| mnist | 0.9 |" in (tmp_path / "structured_accuracy.md").read_text()
+
+
 def run_benchmark(script: str, *args: str, tmp_path: Path) -> dict:
     output = tmp_path / f"{script}.json"
     command = [sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), *args, "--output", str(output)]

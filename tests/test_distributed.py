@@ -1,6 +1,6 @@
 """Rules 6 and 8 under real DDP: 2 processes over gloo on CPU reach identical masks without broadcasting them.
 
-Every rank trains on other data, so RigL's and SNFS's dense gradients differ per rank until they are
+Every rank trains on other data, so RigL's, SRigL's and SNFS's dense gradients differ per rank until they are
 all-reduced: the masks agree only if that averaging happens.
 """
 
@@ -25,7 +25,7 @@ def torchrun(tmp_path: Path, mode: str) -> list[dict]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["dsr", "rigl", "snfs"])
+@pytest.mark.parametrize("method", ["dsr", "rigl", "srigl", "snfs"])
 def test_ddp_ranks_agree_on_masks_at_every_update(tmp_path, method):
     rank0, rank1 = torchrun(tmp_path, method)
     assert rank0["updates"] == rank1["updates"] == 6 and rank0["moved"] > 0

@@ -36,7 +36,7 @@ def test_sparsity_outside_unit_interval(sparsity):
 
 
 def test_unknown_method_lists_the_valid_ones():
-    refused(SmallCNN(), "method='rigl2' is unknown; valid choices: static, set, dsr, rigl, snfs, gmp, granet.",
+    refused(SmallCNN(), "method='rigl2' is unknown; valid choices: static, set, dsr, rigl, srigl, snfs, gmp, granet.",
             method="rigl2")
 
 

@@ -20,7 +20,7 @@ import dst_prune
 pytestmark = pytest.mark.gpu
 DEVICE_VARIABLE = "DST_PRUNE_GPU_TESTS_DEVICE"
 HALF = {"float16": (torch.float16, 1e-2), "bfloat16": (torch.bfloat16, 3e-2)}  # dtype, relative tolerance
-DYNAMIC = ["set", "dsr", "rigl", "snfs", "granet"]  # the methods that move weights
+DYNAMIC = ["set", "dsr", "rigl", "srigl", "snfs", "granet"]  # the methods that move weights
 EXTRA = {"dsr": {"pruning_threshold": 0.05}}
 
 

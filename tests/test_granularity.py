@@ -98,6 +98,8 @@ def test_rigl_with_channels_grows_the_channel_with_the_largest_mean_gradient():
 def test_every_method_keeps_whole_groups_and_exact_group_counts(method, granularity):
     if granularity == "2:4" and method in ("gmp", "granet"):
         pytest.skip("gradual pruning cannot keep a fixed n:m pattern (refused, tested below)")
+    if method == "srigl":
+        pytest.skip("srigl keeps a constant fan-in of single weights: other granularities are refused (test_srigl)")
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
                           nn.Flatten(), nn.Linear(8 * 16, 16), nn.ReLU(), nn.Linear(16, 4))

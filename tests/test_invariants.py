@@ -30,6 +30,7 @@ def loss_of(model, x, y):
 
 
 METHODS = {"dsr": {"pruning_threshold": 0.02}, "set": {}, "rigl": {"total_steps": 100},
+           "srigl": {"total_steps": 100},
            "snfs": {"total_steps": 100}}
 
 

@@ -14,8 +14,9 @@ from torch import nn
 import dst_prune
 
 METHOD_ARGUMENTS = {"static": {}, "set": {}, "dsr": {"pruning_threshold": 0.02}, "rigl": {"total_steps": 12},
+                    "srigl": {"total_steps": 12},
                     "snfs": {"total_steps": 12}, "gmp": {"total_steps": 12}, "granet": {"total_steps": 12}}
-GRADIENT_METHODS = ("rigl", "snfs", "granet")
+GRADIENT_METHODS = ("rigl", "srigl", "snfs", "granet")
 
 
 def build(method="rigl", seed=0, **overrides):
@@ -124,7 +125,7 @@ def test_rigl_with_a_nan_gradient_keeps_exactly_750_of_7500():
 
 
 # --- transactions ------------------------------------------------------------------------------------
-@pytest.mark.parametrize("method", ["set", "dsr", "rigl", "snfs", "gmp", "granet"])
+@pytest.mark.parametrize("method", ["set", "dsr", "rigl", "srigl", "snfs", "gmp", "granet"])
 @pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
 def test_an_update_that_fails_halfway_is_undone_exactly(method, error, monkeypatch):
     model, optimizer, dst = build(method)

@@ -14,6 +14,7 @@ import dst_prune
 
 APPLY = {"sparsity": 0.8, "update_every": 2, "seed": 7}
 METHOD_ARGUMENTS = {"dsr": {"pruning_threshold": 0.05}, "set": {}, "rigl": {"total_steps": 10},
+                    "srigl": {"total_steps": 10},
                     "snfs": {"total_steps": 10}, "gmp": {"total_steps": 10}, "granet": {"total_steps": 10},
                     "static": {}}
 
@@ -64,7 +65,7 @@ def test_sparse_state_dict_loads_into_a_fresh_model_after_apply(tmp_path):
 
 
 @pytest.mark.parametrize("stop_at", [3, 4])
-@pytest.mark.parametrize("method", ["dsr", "set", "rigl", "snfs", "gmp", "granet"])
+@pytest.mark.parametrize("method", ["dsr", "set", "rigl", "srigl", "snfs", "gmp", "granet"])
 def test_resume_is_bitwise_exact(tmp_path, method, stop_at):
     straight = build(method=method)
     train(*straight, 10)

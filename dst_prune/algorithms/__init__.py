@@ -14,9 +14,10 @@ from .static import Static
 from .set import SET
 from .dsr import DSR
 from .rigl import RigL
+from .srigl import SRigL
 from .snfs import SNFS
 from .gmp import GMP
 from .granet import GraNet
 
-__all__ = ["DSR", "GMP", "SET", "SNFS", "DropAndGrow", "GraNet", "RigL", "SparseAlgorithm", "Static",
+__all__ = ["DSR", "GMP", "SET", "SNFS", "DropAndGrow", "GraNet", "RigL", "SRigL", "SparseAlgorithm", "Static",
            "create_algorithm", "list_methods", "register_method"]

@@ -74,6 +74,20 @@ class SparseAlgorithm:
         """The sparsity `apply` starts from (the target, except for gradual methods)."""
         return final
 
+    def initial_groups(self, specs: list, groupings: list, scores: list[torch.Tensor],
+                       chosen: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Reshape the initial masks `apply` chose (bool, group shape; same total) into the method's pattern.
+
+        Called before the model is touched, so a `DSTError` here leaves it as it was. Default: as chosen.
+
+        Args:
+            specs: the targets (`TargetSpec`: name, layout), for messages and output dimensions.
+            groupings: their groupings (`granularity`).
+            scores: what `init` ranks by (mean `|w|`, or noise for `random`), one per target, group shape.
+            chosen: the distribution's initial active groups, one bool tensor per target.
+        """
+        return chosen
+
     def next_budget(self) -> int:
         """The exact number of active groups after the coming update (constant, except for gradual methods)."""
         return self.context.budget

@@ -2,7 +2,7 @@
 
     torchrun --standalone --nproc_per_node 2 tests/workers/ddp_masks.py OUT_DIR MODE
 
-MODE: `dsr`, `rigl`, `snfs` (one seed, other data on each rank) or `per-rank-seed` (DSR with a seed per
+MODE: `dsr`, `rigl`, `srigl`, `snfs` (one seed, other data on each rank) or `per-rank-seed` (DSR with a seed per
 rank, which breaks DESIGN.md rule 8 on purpose: the negative control).
 """
 
@@ -23,7 +23,7 @@ from dst_prune.distributed import mask_digest
 
 
 def main(out_dir: str, mode: str) -> None:
-    method = mode if mode in ("rigl", "snfs") else "dsr"
+    method = mode if mode in ("rigl", "srigl", "snfs") else "dsr"
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     torch.manual_seed(0)  # the same initial weights on every rank
