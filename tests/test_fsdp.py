@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 WORKER = Path(__file__).parent / "workers" / "fsdp_masks.py"
-CONFIGS = ["static:element", "set:element", "dsr:element", "rigl:element", "snfs:element", "gmp:element",
-           "granet:element", "set:kernel", "rigl:channel", "dsr:kernel", "snfs:channel"]
+CONFIGS = ["static:element", "set:element", "dsr:element", "rigl:element", "srigl:element", "snfs:element",
+           "gmp:element", "granet:element", "set:kernel", "rigl:channel", "dsr:kernel", "snfs:channel"]
 
 pytestmark = pytest.mark.slow
 
@@ -43,7 +43,8 @@ def test_every_method_trains_sharded_and_matches_the_unsharded_run(ranks, config
     for run in runs:
         assert run["sharded"]
         assert run["mask_shard_numel"] < run["n_sparse"]  # each rank holds its shard of the masks only
-        expected_updates = {"static": 0, "rigl": 5, "gmp": 6, "granet": 6, "snfs": 7}.get(config.split(":")[0], 8)
+        method = config.split(":")[0]
+        expected_updates = {"static": 0, "rigl": 5, "srigl": 5, "gmp": 6, "granet": 6, "snfs": 7}.get(method, 8)
         assert run["updates"] == expected_updates
         for record in run["records"]:
             assert record["check_sync"] is True

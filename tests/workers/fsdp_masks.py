@@ -31,7 +31,7 @@ from dst_prune.sharding import local_tensor
 
 STEPS = 8
 CONFIGS = [("static", "element"), ("set", "element"), ("dsr", "element"), ("rigl", "element"),
-           ("snfs", "element"), ("gmp", "element"), ("granet", "element"), ("set", "kernel"),
+           ("srigl", "element"), ("snfs", "element"), ("gmp", "element"), ("granet", "element"), ("set", "kernel"),
            ("rigl", "channel"), ("dsr", "kernel"), ("snfs", "channel")]
 
 
