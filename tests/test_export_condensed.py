@@ -194,7 +194,7 @@ def test_condensed_benchmark_smoke(tmp_path):
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "condensed.json").read_text())
-    assert set(report) == {"machine", "command", "repeats", "threads", "results"}
+    assert set(report) == {"machine", "commit", "command", "repeats", "threads", "results"}
     rows = report["results"]
     assert {(r["model"], r["batch"]) for r in rows} == {(m, b) for m in ("mlp", "vit_small_mlp") for b in (1, 4)}
     assert all({"dense_ms", "csr_ms", "condensed_ms", "condensed_speedup", "csr_speedup", "fan_in"} <= set(r)

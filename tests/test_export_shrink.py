@@ -192,7 +192,7 @@ def test_shrink_benchmark_smoke(tmp_path):
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "shrink.json").read_text())
-    assert set(report) == {"machine", "command", "repeats", "threads", "results"}
+    assert set(report) == {"machine", "commit", "command", "repeats", "threads", "results"}
     rows = report["results"]
     assert {r["model"] for r in rows} == {"mlp", "cnn"}
     for row in rows:
