@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--autocast", choices=["none", "bf16"], default="none")
-    parser.add_argument("--batch-scale", type=int, default=1, help="multiply the issue's batch sizes")
+    parser.add_argument("--batch-scale", type=int, default=1, help="multiply the default batch sizes")
     parser.add_argument("--batch", type=int, default=None, help="this batch size for every model")
     parser.add_argument("--image-size", type=int, default=None, help="this image size for every model")
     parser.add_argument("--channels-last", action="store_true", help="channels_last weights and inputs")

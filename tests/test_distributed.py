@@ -16,18 +16,24 @@ import pytest
 WORKER = Path(__file__).parent / "workers" / "ddp_masks.py"
 
 
-def torchrun(tmp_path: Path, mode: str) -> list[dict]:
+MODES = ["dsr", "rigl", "srigl", "snfs", "per-rank-seed"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, list[dict]]:
+    """One torchrun of every mode (one process group, the modes one after the other): {mode: [rank0, rank1]}."""
+    out = tmp_path_factory.mktemp("ddp")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(WORKER), str(tmp_path), mode]
+               str(WORKER), str(out), ",".join(MODES)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    return {mode: [json.loads((out / f"rank{r}-{mode}.json").read_text()) for r in range(2)] for mode in MODES}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["dsr", "rigl", "srigl", "snfs"])
-def test_ddp_ranks_agree_on_masks_at_every_update(tmp_path, method):
-    rank0, rank1 = torchrun(tmp_path, method)
+@pytest.mark.parametrize("method", MODES[:-1])
+def test_ddp_ranks_agree_on_masks_at_every_update(runs, method):
+    rank0, rank1 = runs[method]
     assert rank0["updates"] == rank1["updates"] == 6 and rank0["moved"] > 0
     assert rank0["checks"] == rank1["checks"] == [True] * 6
     assert rank0["digest"] == rank1["digest"]
@@ -36,9 +42,9 @@ def test_ddp_ranks_agree_on_masks_at_every_update(tmp_path, method):
 
 
 @pytest.mark.slow
-def test_check_sync_catches_ranks_that_disagree(tmp_path):
+def test_check_sync_catches_ranks_that_disagree(runs):
     """Negative control: per-rank seeds give per-rank masks, and check_sync says so on every rank."""
-    rank0, rank1 = torchrun(tmp_path, "per-rank-seed")
+    rank0, rank1 = runs["per-rank-seed"]
     assert rank0["digest"] != rank1["digest"]
     for result in (rank0, rank1):
         assert all("masks differ across ranks" in check for check in result["checks"])

@@ -1,9 +1,10 @@
 """A 2-process DDP run (gloo, CPU) of DSR; each rank writes its mask digest and sync checks to a JSON file.
 
-    torchrun --standalone --nproc_per_node 2 tests/workers/ddp_masks.py OUT_DIR MODE
+    torchrun --standalone --nproc_per_node 2 tests/workers/ddp_masks.py OUT_DIR MODE[,MODE...]
 
 MODE: `dsr`, `rigl`, `srigl`, `snfs` (one seed, other data on each rank) or `per-rank-seed` (DSR with a seed per
-rank, which breaks DESIGN.md rule 8 on purpose: the negative control).
+rank, which breaks DESIGN.md rule 8 on purpose: the negative control). The modes run one after the other in
+one process group; each writes `rank<r>-<mode>.json`.
 """
 
 from __future__ import annotations
@@ -22,10 +23,8 @@ import dst_prune
 from dst_prune.distributed import mask_digest
 
 
-def main(out_dir: str, mode: str) -> None:
+def run(out_dir: str, mode: str, rank: int) -> None:
     method = mode if mode in ("rigl", "srigl", "snfs") else "dsr"
-    dist.init_process_group("gloo")
-    rank = dist.get_rank()
     torch.manual_seed(0)  # the same initial weights on every rank
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 16, 3), nn.ReLU(), nn.Flatten(),
                           nn.Linear(16 * 4 * 4, 32), nn.ReLU(), nn.Linear(32, 10))
@@ -62,13 +61,19 @@ def main(out_dir: str, mode: str) -> None:
     result = {"rank": rank, "digest": mask_digest(dst.targets), "checks": checks, "weights": weights,
               "updates": dst.update_index, "moved": sum(sum(r["grown"]) for r in dst.history),
               "masks_rebroadcast_by_ddp": rebroadcast}
-    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
+    Path(out_dir, f"rank{rank}-{mode}.json").write_text(json.dumps(result))
     # Free DDP, which holds the process group, before destroying the group, so that gloo's worker threads
     # are joined now. Left to interpreter exit, a gloo thread can free a finished all-reduce (whose tensors
     # are Python objects) while the interpreter is finalizing, and the process aborts with "terminate
     # called without an active exception" after all its work is done (torch issue, seen 1 run in 10).
     del ddp
     gc.collect()
+
+
+def main(out_dir: str, modes: str) -> None:
+    dist.init_process_group("gloo")
+    for mode in modes.split(","):
+        run(out_dir, mode, dist.get_rank())
     dist.destroy_process_group()
 
 
