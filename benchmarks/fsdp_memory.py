@@ -68,7 +68,7 @@ def worker(args: argparse.Namespace) -> None:
     from torch.distributed.fsdp import fully_shard
 
     import dst_prune
-    from dst_prune.sharding import local_tensor
+    from dst_prune.distributed.fsdp import local_tensor
 
     cuda = args.device == "cuda"
     dist.init_process_group("nccl" if cuda else "gloo")

@@ -23,8 +23,8 @@ import re
 
 import torch
 
+from ._selection import random_indices, top_k_indices, top_k_mask
 from .errors import DSTError
-from .selection import random_indices, top_k_indices, top_k_mask
 
 __all__ = ["GRANULARITIES", "BlockGrouping", "ChannelGrouping", "Grouping", "KernelGrouping", "groupings_for",
            "parse_granularity", "top_k_per_block"]
@@ -77,7 +77,7 @@ class Grouping:
         Elementwise on float32/float64 this is two comparisons into bool tensors, without the float `|x|`
         that `reduce` allocates (a fresh weight-sized tensor costs more in page faults than the comparison
         itself): `not (x >= t or x <= -t)` also holds for NaN, and `isinf` adds the infinities, so a
-        non-finite weight counts as the weakest (the non-finite policy of `dst_prune.scores`). Half
+        non-finite weight counts as the weakest (the non-finite policy of `dst_prune._scores`). Half
         precision takes `reduce`, which compares in float32 (against a bf16 tensor the threshold itself
         would be rounded).
         """

@@ -11,18 +11,19 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from dataclasses import replace
 
 import torch
 from torch import nn
 
-from .api import _algorithm_and_schedule, _attach_all, _check_model
-from .bits import unpack_bits
+from ._attach import attach_all, build_algorithm, check_model
+from ._bits import unpack_bits
+from ._optimizer_state import require_optimizer
+from .config import SparsityConfig
+from .controller import DynamicSparsity
 from .errors import DSTError
 from .groups import groupings_for
-from .optimizer_state import require_optimizer
-from .sparsity import DynamicSparsity
 from .targets import find_targets
-from .validation import check_int
 
 __all__ = ["complete_state_dict", "load_sparse_state_dict"]
 
@@ -126,8 +127,9 @@ def load_sparse_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tens
     Raises:
         DSTError: no masks, or anything that does not fit the model; the model is left untouched.
     """
-    model = _check_model(model)
-    seed = check_int(seed, "seed")
+    model = check_model(model)
+    config = SparsityConfig(sparsity=0.0, granularity=granularity, update_every=update_every, total_steps=total_steps,
+                            stop_step=stop_step, seed=seed, hyperparameters=hyperparameters, loaded=True)
     shapes = {k: v.shape for k, v in model.state_dict().items()}
     found = _masks_from(masks, state_dict, shapes)
     for name, mask in found.items():
@@ -138,14 +140,15 @@ def load_sparse_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tens
             raise DSTError(f"{name}: the checkpoint's mask has shape {tuple(mask.shape)}, the model's parameter "
                            f"{tuple(shapes[name])}.")
     plain = complete_state_dict(model, _plain_keys(state_dict, set(found)))
-    algorithm, schedule = _algorithm_and_schedule(method, hyperparameters, update_every=update_every,
-                                                  total_steps=total_steps, stop_step=stop_step,
-                                                  stop_fraction=None, double_at=())
+    algorithm = build_algorithm(method, hyperparameters, config)
     specs = find_targets(model, include="|".join(map(re.escape, found)), dense_stem_and_head=False)
     params = [model.get_submodule(s.module_name)._parameters[s.tensor_name] for s in specs]
     bools = [torch.empty_like(p, dtype=torch.bool).copy_(found[s.name]) for p, s in zip(params, specs)]
     require_optimizer(optimizer)
     active, total = sum(int(m.sum()) for m in bools), sum(m.numel() for m in bools)
+    if not active:
+        raise DSTError("the checkpoint's masks have no active weight at all; they are not the masks of a trained "
+                       "sparse model. Pass the masks saved with it.")
     groupings = groupings_for(granularity, [s.name for s in specs], [p.shape for p in params],
                               sparsity=1 - active / total, distribution="uniform", gradual=algorithm.gradual,
                               layouts=[s.layout for s in specs])
@@ -153,8 +156,7 @@ def load_sparse_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tens
         if not grouping.is_whole(mask):
             raise DSTError(f"{spec.name}: the checkpoint's mask is not made of whole {grouping.name} groups. Pass the "
                            f"granularity it was trained with.")
-    controller = _attach_all(model, specs, bools, groupings, algorithm=algorithm, schedule=schedule, seed=seed,
-                             target_sparsity=1 - active / total, distribution="uniform", total_steps=total_steps,
-                             optimizer=optimizer, config={"loaded": True, "granularity": granularity})
+    config = replace(config, sparsity=1 - active / total, method=algorithm.name)
+    controller = attach_all(model, specs, bools, groupings, algorithm, config, optimizer)
     model.load_state_dict(plain)  # plain `weight` keys: the masks just attached stay
     return controller

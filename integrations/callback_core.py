@@ -15,10 +15,10 @@ import torch
 from torch import nn
 
 import dst_prune
+from dst_prune._optimizer_state import unwrap_optimizer
+from dst_prune._validation import check_number
 from dst_prune.algorithms import create_algorithm
 from dst_prune.errors import DSTError
-from dst_prune.optimizer_state import unwrap_optimizer
-from dst_prune.validation import check_number
 
 __all__ = ["SparseTraining"]
 

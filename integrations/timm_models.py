@@ -14,8 +14,8 @@ from __future__ import annotations
 from timm.models import register_model
 from torch import nn
 
-from dst_prune.models import CharRNN, cifar_resnet, wide_resnet
-from dst_prune.models import lenet_300_100 as _lenet
+from dst_prune.compat.models import CharRNN, cifar_resnet, wide_resnet
+from dst_prune.compat.models import lenet_300_100 as _lenet
 
 __all__ = ["MODELS"]
 

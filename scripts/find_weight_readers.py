@@ -17,7 +17,7 @@ import re
 
 from torch import nn
 
-from dst_prune.readers import _METADATA, _attribute_chains
+from dst_prune._masking.readers import _METADATA, _attribute_chains
 
 WEIGHT = re.compile(r"^(weight|in_proj_weight|[qkv]_proj_weight|weight_(ih|hh|hr)_l\d+(_reverse)?)$")
 

@@ -31,7 +31,7 @@ from tqdm import tqdm
 from train_args import parse_args
 
 import dst_prune
-from dst_prune.distributed import mask_digest
+from dst_prune.distributed.ddp import mask_digest
 from dst_prune.integrations.checkpoints import TrainingProgress, find_checkpoint, load_checkpoint, save_checkpoint
 from dst_prune.integrations.data import resolve_data_root
 from dst_prune.integrations.datasets import ShardedEpochSampler, build_datasets

@@ -27,8 +27,8 @@ from torch import nn
 from tqdm import tqdm
 
 import dst_prune
+from dst_prune.compat.models import CharRNN
 from dst_prune.integrations.data import resolve_data_root
-from dst_prune.models import CharRNN
 
 logger = logging.getLogger("train_char_rnn")
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import dst_prune
-from dst_prune.activation import SparseActivation, SparseBatchNorm, checkerboard
+from dst_prune.compat.activation import SparseActivation, SparseBatchNorm, checkerboard
 
 
 def kept(module, x):

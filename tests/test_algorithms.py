@@ -10,7 +10,7 @@ from conftest import SmallCNN, assert_invariants, small_cnn_batch
 from torch import nn
 
 import dst_prune
-from dst_prune.distributions import apportion, total_budget
+from dst_prune.budget.distributions import apportion, total_budget
 from dst_prune.schedules import cubic_sparsity
 
 DYNAMIC = ["set", "dsr", "rigl", "srigl", "snfs", "granet"]

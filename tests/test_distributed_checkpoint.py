@@ -1,4 +1,4 @@
-"""`dst_prune.distributed_checkpoint` on one process: the round trip, the unsharded read for inference, and files
+"""`dst_prune.distributed.checkpoint` on one process: the round trip, the unsharded read for inference, and files
 that would run code when unpickled (DCP's `.metadata`, the controller's file) refused unread. The sharded runs
 are in tests/test_fsdp.py."""
 
@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import dst_prune
-from dst_prune import distributed_checkpoint
+from dst_prune.distributed import checkpoint as distributed_checkpoint
 
 
 class Payload:

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from dst_prune.distributions import LAYERWISE, apportion, layer_budgets, total_budget
+from dst_prune.budget.distributions import LAYERWISE, apportion, layer_budgets, total_budget
 
 
 def test_apportion_largest_remainder_ties_to_lower_index():

@@ -12,7 +12,7 @@ from torch import nn
 from torch.nn.utils import parametrizations, prune
 
 import dst_prune
-from dst_prune import masking
+from dst_prune._masking import hook as masking
 
 
 def refused(model, message, sparse_before=False, **kwargs):
@@ -177,7 +177,7 @@ def test_failure_while_attaching_restores_the_model_exactly(monkeypatch):
             raise RuntimeError("simulated failure")
         return real_attach(*args, **kwargs)
 
-    monkeypatch.setattr("dst_prune.api.attach", failing_attach)
+    monkeypatch.setattr("dst_prune._attach.attach", failing_attach)
     with pytest.raises(RuntimeError, match="simulated failure"):
         dst_prune.apply(model, sparsity=0.9)
     assert_unchanged(model, before)
@@ -196,7 +196,7 @@ def test_failure_while_attaching_an_lstm_restores_its_flat_weights(monkeypatch):
             raise RuntimeError("simulated failure")
         return real_attach(*args, **kwargs)
 
-    monkeypatch.setattr("dst_prune.api.attach", failing_attach)
+    monkeypatch.setattr("dst_prune._attach.attach", failing_attach)
     with pytest.raises(RuntimeError):
         dst_prune.apply(model, sparsity=0.5)
     assert_unchanged(model, before)

@@ -11,7 +11,7 @@ from conftest import AttentionNet
 from torch import nn
 
 import dst_prune
-from dst_prune.exporting import CSRLinear
+from dst_prune.exporting.formats import CSRLinear
 
 
 def mlp():

@@ -14,7 +14,7 @@ from conftest import AttentionNet
 from torch import nn
 
 import dst_prune
-from dst_prune.condensed import CSR_BELOW_ROWS, CondensedLinear
+from dst_prune.exporting.condensed import CSR_BELOW_ROWS, CondensedLinear
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -114,7 +114,7 @@ def test_pointwise_convs_are_condensed_and_others_stay_dense(bias, caplog):
     dst_prune.apply(model, sparsity=0.75, exclude=["spatial.weight"])
     write_mask(model.expand, fan_in_mask(32, 16, 4, ablated=(5,)))
     write_mask(model.reduce, fan_in_mask(8, 32, 8, seed=2))
-    with caplog.at_level(logging.INFO, logger="dst_prune.condensed"):
+    with caplog.at_level(logging.INFO, logger="dst_prune.exporting.condensed"):
         exported = dst_prune.export(model, format="condensed")
     assert isinstance(exported.expand, CondensedLinear) and isinstance(exported.reduce, CondensedLinear)
     assert exported.reduce.stride == 2 and len(exported.expand.rows) == 31
@@ -135,7 +135,7 @@ def test_layers_without_constant_fan_in_stay_dense_and_are_logged(caplog):
     mask = fan_in_mask(32, 16, 4)
     mask[3, :] = True  # one row with 16 active inputs
     write_mask(model[0], mask)
-    with caplog.at_level(logging.INFO, logger="dst_prune.condensed"):
+    with caplog.at_level(logging.INFO, logger="dst_prune.exporting.condensed"):
         exported = dst_prune.export(model, format="condensed")
     assert type(exported[0]) is nn.Linear and isinstance(exported[2], CondensedLinear)
     assert "0 stays dense: its fan-in is not constant: active rows have 4 to 16 active inputs" in caplog.text
@@ -147,7 +147,7 @@ def test_multihead_attention_out_proj_is_left_to_its_parent(caplog):
     torch.manual_seed(0)
     model = AttentionNet()
     dst_prune.apply(model, sparsity=0.5, granularity="1:2")
-    with caplog.at_level(logging.INFO, logger="dst_prune.condensed"):
+    with caplog.at_level(logging.INFO, logger="dst_prune.exporting.condensed"):
         exported = dst_prune.export(model, format="condensed")
     assert isinstance(exported.proj, CondensedLinear)
     assert type(exported.attn.out_proj) is type(model.attn.out_proj) and not isinstance(exported.attn.out_proj,

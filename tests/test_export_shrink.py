@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import dst_prune
-from dst_prune.shrink import FoldedConv2d
+from dst_prune.exporting.shrink import FoldedConv2d
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -150,7 +150,7 @@ def test_trainer_run_is_exact_loads_with_from_pretrained_and_resumes_bitwise(tmp
                                                              "without dst_prune")):
         Trainer(model=gpt2(), args=arguments(tmp_path / "dense"), train_dataset=data(),
                 callbacks=[DSTCallback(sparsity=0.9)]).train(resume_from_checkpoint=True)
-    with pytest.raises(dst_prune.DSTError, match=re.escape("state was saved by a run at sparsity=0.9")):
+    with pytest.raises(dst_prune.DSTError, match=re.escape("state was saved with sparsity=0.9")):
         Trainer(model=gpt2(), args=arguments(tmp_path / "run"), train_dataset=data(),
                 callbacks=[DSTCallback(sparsity=0.8, method="rigl")]).train(
             resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-4"))

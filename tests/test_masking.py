@@ -15,8 +15,8 @@ from torch import nn
 from torch.nn.utils import prune
 
 import dst_prune
-from dst_prune.masking import DetachMaskedWeights, DSTMask
-from dst_prune.readers import ComputeChildWeights, direct_readers
+from dst_prune._masking.hook import DetachMaskedWeights, DSTMask
+from dst_prune._masking.readers import ComputeChildWeights, direct_readers
 from dst_prune.targets import find_targets
 
 

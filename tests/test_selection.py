@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dst_prune.selection import random_indices, random_positions, top_k_indices, top_k_mask
+from dst_prune._selection import random_indices, random_positions, top_k_indices, top_k_mask
 
 
 def test_top_k_breaks_ties_by_lower_index():

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from dst_prune.sharding import ShardLayout
+from dst_prune.distributed.fsdp import ShardLayout
 
 
 def layout(shape: tuple[int, ...], offset: tuple[int, ...], local_shape: tuple[int, ...]) -> ShardLayout:

@@ -12,7 +12,7 @@ from torch import nn
 
 import dst_prune
 from dst_prune.algorithms.fan_in import neurons_for, plan_fan_in
-from dst_prune.condensed import CondensedLinear
+from dst_prune.exporting.condensed import CondensedLinear
 
 
 def fan_ins(target) -> tuple[int, set[int]]:

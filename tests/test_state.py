@@ -179,7 +179,8 @@ def test_controller_state_is_refused_for_another_configuration():
     with pytest.raises(dst_prune.DSTError, match="state was saved for other sparse tensors"):
         other.load_state_dict(state)
     _, _, denser = build(sparsity=0.5)
-    with pytest.raises(dst_prune.DSTError, match=r"state was saved by a run at sparsity=0\.8; this controller"):
+    with pytest.raises(dst_prune.DSTError, match=r"state was saved with sparsity=0\.8; this controller was applied "
+                                                 r"with sparsity=0\.5"):
         denser.load_state_dict(state)
     with pytest.raises(dst_prune.DSTError, match=r"is not a DynamicSparsity\.state_dict\(\)"):
         dst.load_state_dict({"step": 3})

@@ -15,12 +15,12 @@ from typing import ClassVar
 
 import torch
 
-from ..context import SparsityContext
+from .._masking.target import SparseTarget
+from .._scores import finite_scores
+from .._selection import top_k_indices
 from ..errors import DSTError
 from ..schedules import UpdateSchedule
-from ..scores import finite_scores
-from ..selection import top_k_indices
-from ..sparse_target import SparseTarget
+from .context import SparsityContext
 
 __all__ = ["SparseAlgorithm"]
 
@@ -150,7 +150,7 @@ class SparseAlgorithm:
         return self.context.dense_gradients(self.name)
 
     def magnitudes(self, layer: int) -> torch.Tensor:
-        """The mean `|w|` of every group of `layer`; non-finite weights score lowest (`dst_prune.scores`)."""
+        """The mean `|w|` of every group of `layer`; non-finite weights score lowest (`dst_prune._scores`)."""
         target = self.targets[layer]
         return finite_scores(target.scores(target.orig), target.name)
 

@@ -26,10 +26,10 @@ from typing import ClassVar
 
 import torch
 
+from .._scores import finite_scores
+from .._selection import index_mask
+from .._validation import check_choice, check_number
 from ..schedules import DECAYS, decayed_fraction
-from ..scores import finite_scores
-from ..selection import index_mask
-from ..validation import check_choice, check_number
 from .base import SparseAlgorithm
 
 __all__ = ["DropAndGrow"]

@@ -6,11 +6,11 @@ import logging
 
 import torch
 
-from ..distributions import apportion
+from .._scores import warn_non_finite
+from .._selection import index_mask, top_k_mask
+from .._validation import check_number
+from ..budget.distributions import apportion
 from ..errors import DSTError
-from ..scores import warn_non_finite
-from ..selection import index_mask, top_k_mask
-from ..validation import check_number
 from .base import SparseAlgorithm
 from .registry import register_method
 
@@ -93,7 +93,7 @@ class DSR(SparseAlgorithm):
     def prune_by_threshold(self) -> int:
         """Step 1: prune the active weights (groups: by their mean `|w|`) below the threshold. Returns how many.
 
-        Non-finite weights count as below any threshold (the non-finite policy of `dst_prune.scores`).
+        Non-finite weights count as below any threshold (the non-finite policy of `dst_prune._scores`).
         """
         self._refuse_pending("prune_by_threshold()")
         pruned, freed, surviving = [], [], []

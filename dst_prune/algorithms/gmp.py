@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from ..distributions import apportion, layer_shares, total_budget
+from .._selection import global_top_k, top_k_mask
+from .._validation import check_int, check_number
+from ..budget.distributions import apportion, layer_shares, total_budget
 from ..errors import DSTError
 from ..schedules import UpdateSchedule, cubic_sparsity
-from ..selection import global_top_k, top_k_mask
-from ..validation import check_int, check_number
 from .base import SparseAlgorithm
 from .registry import register_method
 

@@ -7,9 +7,9 @@ from collections.abc import Sequence
 
 import torch
 
-from ..distributions import apportion
+from .._validation import check_number
+from ..budget.distributions import apportion
 from ..errors import DSTError
-from ..validation import check_number
 from .drop_and_grow import DropAndGrow
 from .registry import register_method
 

@@ -6,11 +6,11 @@ import math
 
 import torch
 
+from .._scores import finite_scores
+from .._selection import top_k_mask
+from .._validation import check_int, check_number
 from ..errors import DSTError
 from ..groups import Grouping, top_k_per_block
-from ..scores import finite_scores
-from ..selection import top_k_mask
-from ..validation import check_int, check_number
 from .fan_in import from_rows, neurons_for, plan_fan_in, rows_of
 from .registry import register_method
 from .rigl import RigL

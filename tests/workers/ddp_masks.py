@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 import dst_prune
-from dst_prune.distributed import mask_digest
+from dst_prune.distributed.ddp import mask_digest
 
 
 def run(out_dir: str, mode: str, rank: int) -> None:

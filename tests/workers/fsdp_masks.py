@@ -26,8 +26,8 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 import dst_prune
-from dst_prune.distributed import mask_digest
-from dst_prune.sharding import local_tensor
+from dst_prune.distributed.ddp import mask_digest
+from dst_prune.distributed.fsdp import local_tensor
 
 STEPS = 8
 CONFIGS = [("static", "element"), ("set", "element"), ("dsr", "element"), ("rigl", "element"),
@@ -191,7 +191,7 @@ def refusals(mesh, rank: int) -> dict:
 def checkpoint(mesh, rank: int, out_dir: str) -> dict:
     """SNFS (its momentum is controller state) for 6 steps, against 3 steps, a DCP save, a fresh sharded model
     loading it, and 3 more steps; then the checkpoint read on one process into an unsharded model."""
-    from dst_prune import distributed_checkpoint
+    from dst_prune.distributed import checkpoint as distributed_checkpoint
 
     def build():
         torch.manual_seed(0)

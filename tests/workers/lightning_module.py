@@ -40,7 +40,7 @@ def loader(rank_offset: int = 0) -> DataLoader:
 
 
 def main(out_dir: str) -> None:
-    from dst_prune.distributed import mask_digest
+    from dst_prune.distributed.ddp import mask_digest
     from dst_prune.integrations.lightning import DSTCallback
 
     pl.seed_everything(0)

@@ -15,10 +15,10 @@ import warnings
 import torch
 from torch import nn
 
-from .errors import DSTError
-from .masking import DSTMask
-from .readers import direct_readers
-from .targets import TargetSpec
+from .._masking.hook import DSTMask
+from .._masking.readers import direct_readers
+from ..errors import DSTError
+from ..targets import TargetSpec
 
 __all__ = ["BLOCK_ELEMENTS", "CSR_BELOW_ROWS", "CondensedLinear", "condense", "constant_fan_in", "refuse_if_empty"]
 

@@ -22,13 +22,15 @@ Anything a pruned position of `weight_orig` held is discarded at the next forwar
 mask means; the tests check that outputs equal those of a `remove()`d copy. Writing into `weight`
 between forwards writes into `weight_orig` (they share memory), and the next forward re-masks it.
 Under `torch.compile` the plain product is traced instead (no in-place write inside the graph).
-Under FSDP2 the mask is a shard and the all-gathered weight passes through (`dst_prune.sharding`).
+Under FSDP2 the mask is a shard and the all-gathered weight passes through (`dst_prune.distributed.fsdp`).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from .._torch import is_view
 
 __all__ = ["MaskedWeight", "masked_weight", "zero_outside"]
 
@@ -40,7 +42,7 @@ def zero_outside(tensor: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def _writable(grad: torch.Tensor) -> bool:
     """Whether `grad` owns dense, non-overlapping memory that can be masked in place."""
-    if grad._is_view():
+    if is_view(grad):
         return False
     if grad.is_contiguous():
         return True

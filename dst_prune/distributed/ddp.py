@@ -13,7 +13,8 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
-from .sparse_target import SparseTarget
+from .._masking.target import SparseTarget
+from .._torch import ddp_ignore
 
 __all__ = ["all_reduce_mean", "broadcast_masks", "check_sync", "ignore_masks_in_ddp", "is_distributed", "mask_digest"]
 
@@ -51,8 +52,7 @@ def ignore_masks_in_ddp(model: torch.nn.Module, targets: Sequence[SparseTarget])
     unaffected.
     """
     names = {f"{t.module_name}.{t.tensor_name}_mask" if t.module_name else f"{t.tensor_name}_mask" for t in targets}
-    existing = set(getattr(model, "_ddp_params_and_buffers_to_ignore", ()))
-    model._ddp_params_and_buffers_to_ignore = sorted(existing | names)
+    ddp_ignore(model, names)
 
 
 def mask_digest(targets: Sequence[SparseTarget], masks: Sequence[torch.Tensor] | None = None) -> int:

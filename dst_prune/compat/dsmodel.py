@@ -8,8 +8,8 @@ from collections.abc import Iterator
 from prettytable import PrettyTable
 from torch import nn
 
-from .api import apply
-from .sparsity import DynamicSparsity
+from ..api import apply
+from ..controller.controller import DynamicSparsity
 
 __all__ = ["DSModel"]
 

@@ -10,13 +10,13 @@ source of each module's `forward` (and the methods it calls) for `self.<child>.<
 from __future__ import annotations
 
 import functools
-import inspect
 import re
 
 from torch import nn
 
-from .masking import READ_BY_PARENT, DSTHook, DSTMask, masked_names
-from .targets import TargetSpec
+from .._torch import method_source
+from ..targets import TargetSpec
+from .hook import READ_BY_PARENT, DSTHook, DSTMask, masked_names
 
 __all__ = ["ComputeChildWeights", "ReleaseChildWeights", "attach_readers", "direct_readers"]
 
@@ -61,19 +61,6 @@ def attach_readers(model: nn.Module, readers: dict[str, list[tuple[str, str]]]) 
         parent.register_forward_hook(ReleaseChildWeights(entries))
 
 
-def _method_source(cls: type, name: str) -> str:
-    for klass in cls.__mro__:
-        if klass in (nn.Module, object):
-            return ""
-        fn = vars(klass).get(name)
-        if inspect.isfunction(fn):
-            try:
-                return inspect.getsource(fn)
-            except (OSError, TypeError):
-                return ""
-    return ""
-
-
 @functools.cache
 def _attribute_chains(cls: type) -> frozenset[str]:
     """Dotted attribute chains `self.a.b.c` read by `cls.forward` and the methods of `cls` it calls."""
@@ -84,7 +71,7 @@ def _attribute_chains(cls: type) -> frozenset[str]:
         if name in seen:
             continue
         seen.add(name)
-        source = _method_source(cls, name)
+        source = method_source(cls, name)
         for match in re.finditer(r"\bself((?:\.[A-Za-z_]\w*)+)(\s*\()?", source):
             chain, called = match.group(1)[1:], match.group(2)
             if called and "." not in chain:

@@ -20,7 +20,7 @@ import math
 from collections.abc import Sequence
 from fractions import Fraction
 
-from .errors import DSTError
+from ..errors import DSTError
 
 __all__ = ["DISTRIBUTIONS", "LAYERWISE", "apportion", "layer_budgets", "layer_shares", "total_budget"]
 

@@ -4,18 +4,13 @@ A sparse parameter keeps the standard pruning layout on the live model: the trai
 parameter, a `torch.bool` buffer `weight_mask`, and `weight` recomputed by a forward pre-hook
 (`DSTMask`), so `prune.is_pruned`, `prune.remove` and anything that knows pruning keep working. Masks are
 written in place, never replaced. Between forwards, `weight` is kept a detached tensor so that
-`copy.deepcopy(model)` works after a training forward (timm's `ModelEmaV3` relies on it).
-
-Checkpoints are plain (DESIGN.md rule 9): `model.state_dict()` holds `weight` (the masked
-`weight_orig`, zeros in place) and no mask, so it loads with `strict=True` into an untouched model; the
-masks travel in the controller's `state_dict()`. A sparse model's `load_state_dict` takes plain state
-dicts (its masks stay) and torch prune's `weight_orig`/`weight_mask` form (its masks are loaded).
-`pruned_state_dict(model)` gives torch prune's form on request.
+`copy.deepcopy(model)` works after a training forward (timm's `ModelEmaV3` relies on it). The state-dict
+hooks that make checkpoints plain are in `state_dict`.
 """
 
 from __future__ import annotations
 
-import contextlib
+import copy
 import logging
 from collections.abc import Iterator
 
@@ -23,19 +18,19 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from .gradients import sink_for
-from .groups import Grouping
+from .._torch import register_load_state_dict_pre_hook, register_state_dict_hook
+from ..distributed.fsdp import refuse_fsdp1
+from ..groups import Grouping
+from ..targets import TargetSpec
+from .gradients import DenseGradient
 from .masked_weight import masked_weight, zero_outside
-from .sharding import refuse_fsdp1
-from .sparse_target import SparseTarget
-from .targets import TargetSpec
+from .target import SparseTarget
 
 __all__ = ["READ_BY_PARENT", "DSTHook", "DSTMask", "attach", "is_sparse", "make_permanent", "mask_hooks",
-           "masked_names", "pruned_state_dict"]
+           "masked_names"]
 
 logger = logging.getLogger(__name__)
 
-_PRUNE_KEYS = {"on": False}  # set by `pruned_state_dict` while it runs
 #: how many parents currently read a module's sparse weight directly (see `readers`)
 READ_BY_PARENT = "_dst_prune_read_by_parent"
 
@@ -49,6 +44,10 @@ class DSTMask(prune.BasePruningMethod):
 
     Its mask is the `bool` buffer `<name>_mask`; dst_prune rewrites it in place when it reallocates, so
     the hook itself never changes and nothing accumulates across updates.
+
+    Attributes:
+        sink: where the dense gradient of the recomputed weight goes while a method needs it (DESIGN rule 6),
+            else None. A deep copy of the model (an EMA) gets its hooks without a sink: it never captures.
     """
 
     PRUNING_TYPE = "unstructured"
@@ -56,6 +55,13 @@ class DSTMask(prune.BasePruningMethod):
     def __init__(self, mask: torch.Tensor | None = None) -> None:
         self._initial_mask = mask
         self._written: list = []  # what masked_weight last wrote (versions and pointers), to skip rewrites
+        self.sink: DenseGradient | None = None
+
+    def __deepcopy__(self, memo: dict) -> DSTMask:
+        copied = copy.copy(self)
+        copied._written, copied.sink, copied._initial_mask = [], None, None
+        memo[id(self)] = copied
+        return copied
 
     def compute_mask(self, t: torch.Tensor, default_mask: torch.Tensor) -> torch.Tensor:
         if self._initial_mask is None:
@@ -72,10 +78,19 @@ class DSTMask(prune.BasePruningMethod):
         if not isinstance(module._parameters.get(self._tensor_name + "_orig"), nn.Parameter):
             refuse_fsdp1(module, self._tensor_name, f"{type(module).__name__}.{self._tensor_name}")  # FSDP1
         weight = masked_weight(module, self._tensor_name, self._written)
-        sink = sink_for(module, self._tensor_name)
-        if sink is not None and weight.requires_grad:
-            weight.register_hook(sink)
+        if self.sink is not None and weight.requires_grad:
+            weight.register_hook(self.sink)
         setattr(module, self._tensor_name, weight)  # setattr keeps nn.RNNBase._flat_weights in sync
+
+    def recompute(self, module: nn.Module) -> None:
+        """Recompute the effective weight now, detached (after a mask or weight was written between forwards)."""
+        with torch.no_grad():
+            setattr(module, self._tensor_name, masked_weight(module, self._tensor_name, self._written))
+
+    def mask_orig(self, module: nn.Module) -> None:
+        """Zero `weight_orig` outside the mask now, unless nothing changed since it last was (no attribute set)."""
+        with torch.no_grad():
+            masked_weight(module, self._tensor_name, self._written)
 
     def remove(self, module: nn.Module) -> None:
         """Make the pruning permanent in place: `weight` becomes the same Parameter, zeros included.
@@ -98,10 +113,6 @@ def masked_names(module: nn.Module) -> list[str]:
     return [h._tensor_name for h in module._forward_pre_hooks.values() if isinstance(h, DSTMask)]
 
 
-def _mask_hook(module: nn.Module, name: str) -> DSTMask:
-    return next(h for h in module._forward_pre_hooks.values() if isinstance(h, DSTMask) and h._tensor_name == name)
-
-
 class DetachMaskedWeights(DSTHook):
     """Forward hook: swap each recomputed weight for its `.detach()` (the graph already holds it)."""
 
@@ -114,81 +125,21 @@ class DetachMaskedWeights(DSTHook):
                 setattr(module, name, weight.detach())
 
 
-class PlainStateDict(DSTHook):
-    """State-dict hook: `<name>_orig` saved as `<name>` (masked, zeros in place), `<name>_mask` left out.
-
-    The keys come in the order of the untouched module's `state_dict`, so the two are interchangeable.
-    """
-
-    def __init__(self, order: list[str]) -> None:
-        self.order = order  # the module's own parameter and buffer names before dst_prune, in order
-
-    def __call__(self, module: nn.Module, state: dict, prefix: str, local_metadata: dict) -> None:
-        if _PRUNE_KEYS["on"]:
-            return
-        names = masked_names(module)
-        with torch.no_grad():
-            for name in names:  # make weight_orig exactly the effective weight (no-op unless it changed)
-                masked_weight(module, name, _mask_hook(module, name)._written)
-        segment = [k for k in state if k.startswith(prefix)]  # this module's own entries, then its children's
-        values = {k: state.pop(k) for k in segment}
-        own = [k[len(prefix):] for k in segment if "." not in k[len(prefix):]]
-        for name in self.order + [n for n in own if n not in self.order]:
-            if name.endswith(("_orig", "_mask")) and name[:-5] in names:
-                continue
-            source = prefix + name + ("_orig" if name in names else "")
-            if source in values:
-                state[prefix + name] = values[source]
-        for key in segment:
-            if "." in key[len(prefix):]:
-                state[key] = values[key]
-
-
-class LoadEitherForm(DSTHook):
-    """Load pre-hook: accept a plain `<name>` (the masks stay) or torch prune's `<name>_orig` + `<name>_mask`."""
-
-    def __call__(self, module: nn.Module, state: dict, prefix: str, local_metadata: dict, strict: bool,
-                 missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
-        for name in masked_names(module):
-            plain, orig, mask = prefix + name, prefix + name + "_orig", prefix + name + "_mask"
-            if plain in state and orig not in state:
-                state[orig] = state.pop(plain)
-            if mask not in state and orig in state:
-                state[mask] = module._buffers[name + "_mask"]  # a plain state dict: keep this model's mask
-
-
-@contextlib.contextmanager
-def _prune_keys() -> Iterator[None]:
-    previous, _PRUNE_KEYS["on"] = _PRUNE_KEYS["on"], True
-    try:
-        yield
-    finally:
-        _PRUNE_KEYS["on"] = previous
-
-
-def pruned_state_dict(model: nn.Module, **kwargs: object) -> dict[str, torch.Tensor]:
-    """`model.state_dict(**kwargs)` in torch prune's form: `<name>_orig` and bool `<name>_mask` for sparse tensors.
-
-    For code that expects `torch.nn.utils.prune`'s keys. `model.state_dict()` itself is plain (loads into
-    an untouched model); a sparse model loads either form.
-    """
-    with _prune_keys():
-        return model.state_dict(**kwargs)
-
-
 def attach(model: nn.Module, spec: TargetSpec, mask: torch.Tensor, grouping: Grouping | None = None) -> SparseTarget:
     """Attach the prune method to one parameter with `mask` (bool); the weights are left as they are."""
+    from .state_dict import LoadEitherForm, PlainStateDict
+
     module = model.get_submodule(spec.module_name)
     if not any(isinstance(h, PlainStateDict) for h in module._state_dict_hooks.values()):
         order = [n for n, v in (*module._parameters.items(), *module._buffers.items()) if v is not None
                  and n not in getattr(module, "_non_persistent_buffers_set", ())]
-        module._register_state_dict_hook(PlainStateDict(order))
-        module._register_load_state_dict_pre_hook(LoadEitherForm(), with_module=True)
+        register_state_dict_hook(module, PlainStateDict(order))
+        register_load_state_dict_pre_hook(module, LoadEitherForm())
     with torch.no_grad():
-        DSTMask.apply(module, spec.tensor_name, mask=mask)
+        hook = DSTMask.apply(module, spec.tensor_name, mask=mask)
     if not any(isinstance(h, DetachMaskedWeights) for h in module._forward_hooks.values()):
         module.register_forward_hook(DetachMaskedWeights())
-    return SparseTarget(spec, module, grouping)
+    return SparseTarget(spec, module, hook, grouping)
 
 
 def mask_hooks(model: nn.Module) -> Iterator[tuple[nn.Module, DSTMask]]:

@@ -20,8 +20,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .errors import DSTError
-from .selection import top_k_mask
+from .._selection import top_k_mask
+from ..errors import DSTError
 
 __all__ = ["MODES", "SparseActivation", "SparseBatchNorm", "checkerboard"]
 

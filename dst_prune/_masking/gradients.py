@@ -1,24 +1,20 @@
-"""The dense gradient that growth criteria rank by (DESIGN.md rule 6).
+"""The dense gradient that growth criteria rank by (DESIGN rule 6 in `docs/design.md`).
 
 `weight_orig.grad` is already masked, so RigL, SNFS and GraNet read `dL/dW` from the recomputed
-`weight` instead: while capture is armed for a module, `DSTMask` registers a tensor hook on the weight it
-recomputes, and the hook adds the incoming gradient (dense, masked positions included) to a
-`DenseGradient` sink. Capture is armed only on the steps that need it (RigL: the step before an
-update; SNFS: every step), so it costs nothing otherwise. The registry is keyed weakly by module, so a
-deep copy of the model (an EMA) never captures.
+`weight` instead: while capture is armed for a target, its `DSTMask` hook holds a `DenseGradient` sink and
+registers it as a tensor hook on the weight it recomputes; the sink adds the incoming gradient (dense,
+masked positions included). Capture is armed only on the steps that need it (RigL: the step before an
+update; SNFS: every step), so it costs nothing otherwise. A deep copy of the model (an EMA) copies the
+hooks without their sinks, so it never captures.
 """
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Sequence
 
 import torch
-from torch import nn
 
-__all__ = ["DenseGradient", "arm", "disarm", "sink_for"]
-
-_SINKS: weakref.WeakKeyDictionary[nn.Module, dict[str, DenseGradient]] = weakref.WeakKeyDictionary()
+__all__ = ["DenseGradient", "arm", "disarm"]
 
 
 class DenseGradient:
@@ -40,17 +36,13 @@ class DenseGradient:
         return value
 
 
-def sink_for(module: nn.Module, tensor_name: str) -> DenseGradient | None:
-    sinks = _SINKS.get(module)
-    return sinks.get(tensor_name) if sinks else None
-
-
 def arm(targets: Sequence, sinks: Sequence[DenseGradient]) -> None:
     """Capture the dense gradient of each target into its sink from the next forward on."""
     for target, sink in zip(targets, sinks):
-        _SINKS.setdefault(target.module, {})[target.tensor_name] = sink
+        target.hook.sink = sink
 
 
 def disarm(targets: Sequence) -> None:
+    """Stop capturing."""
     for target in targets:
-        _SINKS.pop(target.module, None)
+        target.hook.sink = None

@@ -23,7 +23,7 @@ import torch
 from torch import fx, nn
 from torch.nn import functional as F
 
-from .errors import DSTError
+from ..errors import DSTError
 
 __all__ = ["FoldedConv2d", "shrink"]
 

@@ -1,8 +1,8 @@
 """Checkpoints of sharded (FSDP2) runs through `torch.distributed.checkpoint` (DCP), the controller included.
 
-    dst_prune.distributed_checkpoint.save(path, model, optimizer, dst)     # on every rank
-    dst_prune.distributed_checkpoint.load(path, model, optimizer, dst)     # a fresh apply + fully_shard + optimizer
-    dst_prune.distributed_checkpoint.load_unsharded(path, model)          # one process, for inference
+    dst_prune.distributed.checkpoint.save(path, model, optimizer, dst)     # on every rank
+    dst_prune.distributed.checkpoint.load(path, model, optimizer, dst)     # a fresh apply + fully_shard + optimizer
+    dst_prune.distributed.checkpoint.load_unsharded(path, model)          # one process, for inference
 
 The model and the optimizer go through DCP's `get_state_dict`/`set_state_dict`, so each rank writes and
 reads its own shards (and DCP can reshard). The model's state dict is plain (DESIGN.md rule 9: `weight`
@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import DSTError
+from ..errors import DSTError
 
 __all__ = ["CONTROLLER_FILE", "controller_state", "load", "load_unsharded", "save"]
 

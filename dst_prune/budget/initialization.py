@@ -6,11 +6,11 @@ from collections.abc import Sequence
 
 import torch
 
+from .._selection import INIT_STREAM, derive_seed, global_top_k
+from ..errors import DSTError
+from ..groups import Grouping
+from ..targets import TargetSpec
 from .distributions import layer_budgets, total_budget
-from .errors import DSTError
-from .groups import Grouping
-from .selection import INIT_STREAM, derive_seed, global_top_k
-from .targets import TargetSpec
 
 __all__ = ["INITS", "initial_masks"]
 

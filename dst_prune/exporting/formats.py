@@ -8,11 +8,11 @@
   compute capability 8.0+ multiply with sparse tensor cores, in float16 or bfloat16.
 - `condensed`: as `dense`, with each sparse `nn.Linear` and 1x1 `nn.Conv2d` of constant fan-in (every
   active row has the same number of active inputs: `method="srigl"`, `granularity="n:m"`) replaced by a
-  `CondensedLinear` (`dst_prune.condensed`): the kept rows' input indices and weights as dense arrays;
+  `CondensedLinear` (`dst_prune.exporting.condensed`): the kept rows' input indices and weights as dense arrays;
   ablated rows (no active input) output their bias. Other layers stay dense (logged at INFO).
 - `shrink`: as `dense`, physically smaller: output channels without an active weight (`granularity=
   "channel"`, ablated neurons) are removed with the inputs and BatchNorm channels that consume them, their
-  constant output folded into the consumer (`dst_prune.shrink`). MLPs and plain CNNs; the head's outputs
+  constant output folded into the consumer (`dst_prune.exporting.shrink`). MLPs and plain CNNs; the head's outputs
   are kept; a layer whose channels reach a residual addition or anything else it cannot follow is refused.
 
 The model given is left as it is (still sparse, still trainable); the export is a deep copy in eval mode.
@@ -25,12 +25,12 @@ import copy
 import torch
 from torch import nn
 
+from .._masking.hook import DSTMask, is_sparse, make_permanent
+from .._masking.readers import direct_readers
+from ..errors import DSTError
+from ..targets import TargetSpec
 from .condensed import CondensedLinear, condense, constant_fan_in, refuse_if_empty
-from .errors import DSTError
-from .masking import DSTMask, is_sparse, make_permanent
-from .readers import direct_readers
 from .shrink import shrink
-from .targets import TargetSpec
 
 __all__ = ["FORMATS", "CSRLinear", "CondensedLinear", "export"]
 
