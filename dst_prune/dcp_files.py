@@ -119,7 +119,11 @@ def find_checkpoint(path: str | os.PathLike) -> Path | None:
     path = Path(path)
     pointer = path / POINTER
     if pointer.is_file():
-        name = pointer.read_text().strip()
+        try:
+            name = pointer.read_text().strip()
+        except (OSError, UnicodeDecodeError) as error:
+            raise DSTError(f"{pointer} cannot be read ({error}); pass one of the step-* folders in {path} to load.") \
+                from None
         folder = path / name
         if not _CHECKPOINT_NAME.fullmatch(name) or not folder.is_dir():
             raise DSTError(f"{pointer} names {name!r}, which is not a checkpoint folder in {path} (changed or removed "

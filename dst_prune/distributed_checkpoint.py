@@ -33,13 +33,11 @@ import torch
 from torch import nn
 
 from . import dcp_files
-from .bits import packed_length, unpack_bits
-from .controller_state import masks_digest
 from .dcp_agreement import agreed, gather_json, is_distributed, rank, refusing, world_size
 from .dcp_files import checkpoint_folder, find_checkpoint
 from .dcp_reader import read_metadata, verifying_reader, weights_only_planner
+from .dcp_staging import check_against_masks, check_architecture, empty_like
 from .errors import DSTError
-from .sharding import ShardLayout, is_dtensor, local_tensor
 
 __all__ = ["CONTROLLER_FILE", "EXTRA_FILE", "controller_state", "find_checkpoint", "load", "load_unsharded", "save"]
 
@@ -47,8 +45,6 @@ logger = logging.getLogger(__name__)
 
 CONTROLLER_FILE = "dst_state.pt"
 EXTRA_FILE = "extra.json"
-_REBUILD = ("build the checkpoint's architecture (the same model class and configuration, and the same "
-            "dst_prune.apply arguments for a sparse model) before loading")
 
 
 def _checked_arguments(extra: object, keep: object) -> str | None:
@@ -187,62 +183,6 @@ def _read_checked(folder: Path, dst: object) -> tuple:
     return manifest, metadata, controller, _read_extra(folder, manifest)
 
 
-def _check_architecture(model_state: dict, metadata: object, folder: Path) -> None:
-    """Every key and shape of the model's state dict against the checkpoint's model entries, both ways."""
-    saved = {k[len("model."):]: v for k, v in metadata.state_dict_metadata.items() if k.startswith("model.")}
-
-    def held(key: str) -> bool:  # a non-tensor entry is flattened by DCP into `key.<inner>` entries
-        return key in saved or any(k.startswith(key + ".") for k in saved)
-
-    for key, value in model_state.items():
-        if not held(key):
-            raise DSTError(f"{folder}: the model has {key}, which the checkpoint does not hold; {_REBUILD}.")
-        size = getattr(saved.get(key), "size", None)
-        if isinstance(value, torch.Tensor) and size is not None and tuple(size) != tuple(value.shape):
-            raise DSTError(f"{folder}: {key} has shape {tuple(size)} in the checkpoint but {tuple(value.shape)} in "
-                           f"the model; {_REBUILD}.")
-    unknown = sorted(k for k in saved if k not in model_state and not any(
-        k.startswith(m + ".") for m in model_state if not isinstance(model_state[m], torch.Tensor)))
-    if unknown:
-        raise DSTError(f"{folder}: the checkpoint holds {unknown[0]} (and {len(unknown) - 1} more entries), which the "
-                       f"model does not have; {_REBUILD}.")
-
-
-def _empty_like(value: object) -> object:
-    """A copy of a (nested) state dict with every tensor replaced by an uninitialized one of its kind and sharding."""
-    if isinstance(value, torch.Tensor):
-        return torch.empty_like(value)
-    if isinstance(value, dict):
-        return {k: _empty_like(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_empty_like(v) for v in value)
-    return value
-
-
-def _check_against_masks(model_state: dict, controller: dict, folder: Path) -> None:
-    """Refuse weights that are non-zero outside the saved masks (this rank's shard of each)."""
-    packed, names = controller.get("masks"), controller.get("targets")
-    if packed is None:  # a controller state of the older format keeps its masks in the model: nothing to compare
-        return
-    file = folder / CONTROLLER_FILE
-    if not isinstance(names, list) or not isinstance(packed, list) or len(names) != len(packed) or \
-            not all(isinstance(p, torch.Tensor) and p.dtype == torch.uint8 for p in packed) or \
-            controller.get("masks_digest") != masks_digest(packed):
-        raise DSTError(f"{file} holds no valid masks (a list of bit-packed tensors with their digest).")
-    for name, values in zip(names, packed):
-        weight = model_state.get(name)
-        if not isinstance(weight, torch.Tensor) or values.numel() != packed_length(weight.numel()):
-            raise DSTError(f"{file} has a mask for {name}, which the checkpoint's model does not hold with that "
-                           f"shape: the files are of different runs.")
-        full = unpack_bits(values, weight.shape)
-        mask = ShardLayout(weight).local_part(full) if is_dtensor(weight) else full
-        local = local_tensor(weight).detach()
-        if bool(local[~mask.to(local.device)].any()):
-            raise DSTError(f"{name}: its weights in {folder} are non-zero outside the mask saved in {CONTROLLER_FILE}: "
-                           f"the model and the controller state are of different steps or runs. Nothing was loaded; "
-                           f"load another checkpoint.")
-
-
 def load(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer, dst: object) -> dict:
     """Load a checkpoint of `save` into a model sharded the same way (a collective: call it on every rank).
 
@@ -269,14 +209,14 @@ def load(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optim
 
     def staging() -> dict:
         model_state, optimizer_state = get_state_dict(model, optimizer)
-        _check_architecture(model_state, metadata, folder)
-        return {"model": _empty_like(model_state), "optimizer": _empty_like(optimizer_state)}
+        check_architecture(model_state, metadata, folder)
+        return {"model": empty_like(model_state), "optimizer": empty_like(optimizer_state)}
 
     try:
         staged = agreed(staging, what)
         agreed(lambda: dcp_load(staged, storage_reader=verifying_reader(folder, manifest, metadata),
                                 planner=weights_only_planner(), no_dist=not is_distributed()), what)
-        agreed(lambda: _check_against_masks(staged["model"], controller, folder), what)
+        agreed(lambda: check_against_masks(staged["model"], controller, folder / CONTROLLER_FILE), what)
         set_state_dict(model, optimizer, model_state_dict=staged["model"], optim_state_dict=staged["optimizer"])
         dst.load_state_dict(controller)
         loaded = True
@@ -306,11 +246,11 @@ def load_unsharded(path: str | os.PathLike, model: nn.Module) -> dict[str, torch
         manifest = _manifest(folder)
         metadata = read_metadata(folder, manifest)
         live = model.state_dict()
-        _check_architecture(live, metadata, folder)
-        staged = {"model": _empty_like(live)}
+        check_architecture(live, metadata, folder)
+        staged = {"model": empty_like(live)}
         dcp_load(staged, storage_reader=verifying_reader(folder, manifest, metadata), planner=weights_only_planner(),
                  no_dist=True)
-        _check_against_masks(staged["model"], _read_controller(folder, manifest), folder)
+        check_against_masks(staged["model"], _read_controller(folder, manifest), folder / CONTROLLER_FILE)
         return staged["model"]
 
     model.load_state_dict(refusing(read, f"loading the checkpoint {folder} into one process"), strict=True)
