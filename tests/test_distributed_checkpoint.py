@@ -239,11 +239,12 @@ def test_a_changed_or_missing_file_is_refused_by_name_and_nothing_changes(tmp_pa
         data = bytearray((folder / name).read_bytes())
         data[len(data) // 2] ^= 0x01
         (folder / name).write_bytes(bytes(data))
-    live = build(seed=7)
+    live, files = build(seed=7), files_of(tmp_path)
     before = everything(*live)
     with pytest.raises(dst_prune.DSTError, match=name.replace(".", r"\.")):
         distributed_checkpoint.load(tmp_path / "ckpt", *live)
     assert_everything_unchanged(*live, before)
+    assert files_of(tmp_path) == files
     if name != "extra.json":  # (not read by load_unsharded)
         fresh = mlp()
         fresh_before = snapshot(fresh)
@@ -264,11 +265,12 @@ def test_weights_of_another_step_than_the_masks_are_refused_naming_the_tensor(tm
     assert outside  # the premise: the later weights are non-zero outside the earlier masks
     (late / "dst_state.pt").write_bytes((early / "dst_state.pt").read_bytes())
     rehash(late, step=5)
-    live = build(seed=7)
+    live, files = build(seed=7), files_of(tmp_path)
     before = everything(*live)
     with pytest.raises(dst_prune.DSTError, match=rf"{outside[0]}: its weights .* non-zero outside the mask"):
         distributed_checkpoint.load(late, *live)
     assert_everything_unchanged(*live, before)
+    assert files_of(tmp_path) == files
     rehash(late, step=9)  # the manifest at its own step: the files are of different saves
     with pytest.raises(dst_prune.DSTError, match=r"dst_state\.pt is at step 5, its manifest at step 9"):
         distributed_checkpoint.load(late, *live)
@@ -297,11 +299,12 @@ def test_a_save_of_the_earlier_format_killed_between_its_two_writes_is_refused(t
     save_legacy(tmp_path / "old", model, optimizer, dst)
     train(model, optimizer, dst, range(5, 9))
     save_legacy(tmp_path / "old", model, optimizer, dst, controller=False)  # killed before dst_state.pt
-    live = build(seed=7)
+    live, files = build(seed=7), files_of(tmp_path)
     before = everything(*live)
     with pytest.raises(dst_prune.DSTError, match=r"non-zero outside the mask saved in dst_state\.pt"):
         distributed_checkpoint.load(tmp_path / "old", *live)
     assert_everything_unchanged(*live, before)
+    assert files_of(tmp_path) == files
 
 
 # --- DCP's own failures ----------------------------------------------------------------------------------------
