@@ -91,9 +91,14 @@ class SparseTraining:
 
     # --- the controller's state in a checkpoint folder ------------------------------------------------
     def save(self, path: Path) -> None:
-        """Write `dst.state_dict()` to `path` (atomically: a temporary file renamed over it)."""
+        """Write `dst.state_dict()` to `path` (a collective under FSDP2: call it on every rank)."""
+        self.write(self.dst.state_dict(), path)
+
+    @staticmethod
+    def write(state: dict, path: Path) -> None:
+        """Write a controller state to `path` atomically (a temporary file renamed over it)."""
         temporary = path.with_name(f".{path.name}.partial")
-        torch.save(self.dst.state_dict(), temporary)
+        torch.save(state, temporary)
         temporary.replace(path)
 
     def load(self, path: Path, what: str) -> None:
