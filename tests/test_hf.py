@@ -259,3 +259,25 @@ def test_load_best_model_at_end_restores_the_best_checkpoints_masks_with_its_wei
     assert torch.equal(loaded(ids).logits, model.eval()(ids).logits)
     assert torch.load(tmp_path / "final" / "dst_state.pt", weights_only=True)["masks_digest"] == \
         saved_masks["masks_digest"]
+
+
+@pytest.mark.slow
+def test_fsdp2_checkpoints_gather_the_masks_on_every_rank_through_a_real_trainer(tmp_path):
+    """2 CPU ranks: a sharded GPT-2 saves two checkpoints; the callback's gather runs on every rank (no hang)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    worker = Path(__file__).parent / "workers" / "hf_fsdp_save.py"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker),
+               str(tmp_path)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("rank*.json"))]
+    assert len(ranks) == 2 and ranks[0] == ranks[1]
+    assert ranks[0]["sharded"] and ranks[0]["in_sync"] and ranks[0]["updates"] > 0
+    assert ranks[0]["saved"] == ["checkpoint-2", "checkpoint-4"] and ranks[0]["saved_step"] == 4
+    assert ranks[0]["saved_digest"] == ranks[0]["digest"]  # the file holds the full (gathered) masks
