@@ -170,11 +170,15 @@ def test_every_optimizer_holding_sparse_parameters_has_its_state_zeroed_at_chang
 def test_resume_at_an_epoch_boundary_is_bitwise_exact(tmp_path):
     """16 steps of 8 batches per epoch, stopped at step 8 (an epoch's last batch) and checkpointed there."""
 
-    class StopAndSave(pl.Callback):
+    class Stop(pl.Callback):
+        def __init__(self, save_here: bool) -> None:
+            self.save_here = save_here
+
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             if trainer.global_step == 8:
                 trainer.should_stop = True
-                trainer.save_checkpoint(tmp_path / "step8.ckpt")
+                if self.save_here:
+                    trainer.save_checkpoint(tmp_path / "step8.ckpt")
 
     def run(*callbacks, ckpt_path=None, **limits):
         pl.seed_everything(0)
@@ -182,13 +186,20 @@ def test_resume_at_an_epoch_boundary_is_bitwise_exact(tmp_path):
         trainer = quiet_trainer(callbacks=[callback, *callbacks], **limits)
         module = Classifier()
         trainer.fit(module, loader(), ckpt_path=ckpt_path)
-        return module, callback.dst, trainer.optimizers[0]
+        return module, callback.dst, trainer.optimizers[0], trainer
 
-    for limits in ({"max_steps": 16}, {"max_epochs": 2}):
-        reference = run(**limits)
-        run(StopAndSave(), **limits)
+    # saved inside the loop, or after fit returned (exact with max_epochs; with max_steps Lightning itself resumes
+    # such a checkpoint one batch off, dense models too: docs/integrations.md)
+    references = {}
+    for limits, inside in (({"max_steps": 16}, True), ({"max_epochs": 2}, True), ({"max_epochs": 2}, False)):
+        if str(limits) not in references:
+            references[str(limits)] = run(**limits)
+        reference = references[str(limits)]
+        _, _, _, stopped = run(Stop(save_here=inside), **limits)
+        if not inside:
+            stopped.save_checkpoint(tmp_path / "step8.ckpt")
         resumed = run(ckpt_path=tmp_path / "step8.ckpt", **limits)
-        (module, dst, optimizer), (module_b, dst_b, optimizer_b) = reference, resumed
+        (module, dst, optimizer, _), (module_b, dst_b, optimizer_b, _) = reference, resumed
         assert dst_b.step_count == 16 and dst_b.history == dst.history and dst.update_index == 4
         a, b = module.state_dict(), module_b.state_dict()
         assert all(torch.equal(a[k], b[k]) for k in a)
