@@ -49,8 +49,8 @@ def require_optimizer(optimizer: object) -> torch.optim.Optimizer | Optimizers |
     if optimizer is not None and inner is None:
         received = (f"a {type(optimizer).__name__} of " + ", ".join(type(o).__name__ for o in optimizer)
                     if isinstance(optimizer, (list, tuple)) and optimizer else type(optimizer).__name__)
-        raise DSTError(f"optimizer must be a torch.optim.Optimizer (or a wrapper of one, such as accelerate's), or a "
-                       f"non-empty list of them; received {received}.")
+        raise DSTError(f"optimizer must be a torch.optim.Optimizer (or a wrapper of one, such as accelerate's); "
+                       f"received {received}. Several optimizers go in a non-empty list or tuple.")
     return inner
 
 
