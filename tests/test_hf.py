@@ -4,6 +4,7 @@ from configs, plain checkpoints that `from_pretrained` loads into an untouched m
 from __future__ import annotations
 
 import re
+import shutil
 
 import pytest
 import torch
@@ -180,7 +181,7 @@ def train_12(output, *callbacks, resume=None, **overrides) -> tuple[GPT2LMHeadMo
 
 def assert_same_run(model, callback, reference) -> None:
     """Bitwise the same weights, masks and history as the uninterrupted run `reference`."""
-    reference_model, reference_callback = reference
+    reference_model, reference_callback, _ = reference
     assert callback.dst.step_count == 12 and callback.dst.history == reference_callback.dst.history
     a, b = reference_model.state_dict(), model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -190,10 +191,10 @@ def assert_same_run(model, callback, reference) -> None:
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
-    callback = rigl_callback()
-    model, _ = train_12(tmp_path_factory.mktemp("straight"), callback)
+    callback, output = rigl_callback(), tmp_path_factory.mktemp("straight")
+    model, _ = train_12(output, callback)
     assert callback.dst.update_index >= 3
-    return model, callback
+    return model, callback, output
 
 
 def test_resume_reads_the_folder_the_trainer_resumes_from_even_outside_output_dir(tmp_path, uninterrupted):
@@ -201,6 +202,9 @@ def test_resume_reads_the_folder_the_trainer_resumes_from_even_outside_output_di
     elsewhere = tmp_path / "copied" / "step-4"  # not under any output_dir, not named checkpoint-N
     elsewhere.parent.mkdir()
     (tmp_path / "run" / "checkpoint-4").rename(elsewhere)
+    decoy = tmp_path / "new" / "checkpoint-4"  # where output_dir and the step would point: another step's state
+    decoy.mkdir(parents=True)
+    shutil.copy(uninterrupted[2] / "checkpoint-8" / "dst_state.pt", decoy / "dst_state.pt")
     callback = rigl_callback()
     model, _ = train_12(tmp_path / "new", callback, resume=str(elsewhere))
     assert_same_run(model, callback, uninterrupted)
