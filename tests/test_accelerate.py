@@ -4,7 +4,6 @@ and a damaged or planted checkpoint folder is refused before anything is loaded.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -12,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
@@ -23,7 +23,7 @@ import dst_prune
 from dst_prune.integrations import accelerate as dst_accelerate
 
 ROOT = Path(__file__).resolve().parents[1]
-WORKER = ROOT / "tests" / "workers" / "accelerate_resume.py"
+RECIPE = ROOT / "docs" / "examples" / "accelerate_train.py"
 
 
 @pytest.fixture
@@ -99,36 +99,52 @@ class Counter:
         self.count = state["count"]
 
 
+def launch(*args: str) -> subprocess.CompletedProcess:
+    """The docs' recipe (accelerate's complete_cv_example.py, sparse) on 2 processes: DDP over gloo on the CPU."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(RECIPE), "--cpu",
+               "--checkpointing_steps", "3", *args]
+    return subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          timeout=300)
+
+
 @pytest.mark.slow
-def test_two_process_run_resumed_from_save_state_is_bitwise_equal(tmp_path):
-    """complete_cv_example's shape on 2 processes (DDP over gloo): the run resumed by a second launch from the
-    step-8 folder ends with the same weights and masks as the uninterrupted run, on both processes."""
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(WORKER), str(tmp_path)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for extra in ([], ["--resume_from_checkpoint", str(tmp_path / "step_8")]):
-        result = subprocess.run(launch + extra, capture_output=True, text=True, env=env, timeout=300)
-        assert result.returncode == 0, result.stderr[-4000:]
-    assert sorted(p.name for p in (tmp_path / "step_8").iterdir()) == [
+def test_recipe_on_two_processes_resumed_from_save_state_is_bitwise_equal(tmp_path):
+    """The run resumed by a second launch from the step-9 folder (mid-epoch) ends with the same weights, masks,
+    optimizer state and controller as the uninterrupted run; a folder without the controller stops both processes
+    with the DSTError (none hangs)."""
+    straight = launch("--output_dir", str(tmp_path / "straight"))
+    assert straight.returncode == 0, straight.stderr[-4000:]
+    resumed = launch("--output_dir", str(tmp_path / "resumed"), "--resume_from_checkpoint",
+                     str(tmp_path / "straight" / "step_9"))
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert "Resumed from checkpoint" in resumed.stdout
+    assert sorted(p.name for p in (tmp_path / "resumed").iterdir()) == ["step_12", "step_15", "step_18"]
+    assert sorted(p.name for p in (tmp_path / "straight" / "step_9").iterdir()) == [
         "dst_state.pt", "model.safetensors", "optimizer.bin", "random_states_0.pkl", "random_states_1.pkl",
         "scheduler.bin"]  # the controller beside accelerate's files, no custom_checkpoint pickle
-    for rank in (0, 1):
-        straight, resumed = (torch.load(tmp_path / f"{tag}-rank{rank}.pt", weights_only=True)
-                             for tag in ("straight", "resumed"))
-        for key in straight["weights"]:
-            assert torch.equal(straight["weights"][key], resumed["weights"][key]), key
-        for key in straight["masks"]:
-            assert torch.equal(straight["masks"][key], resumed["masks"][key]), key
-        report = json.loads((tmp_path / f"resumed-rank{rank}.json").read_text())
-        # 48 samples in batches of 4: 12 batches before prepare, 6 per process; 3 epochs = 18 steps per process
-        assert report["steps_before_prepare"] == report["steps_after_prepare"] == report["step_count"] == 18
-        assert report["updates"] > 0 and report["in_sync"]
-        refusals = report["refusals"]
-        assert "step_8-missing has no dst_state.pt" in refusals["missing"]["error"]
-        assert "step_8-truncated/dst_state.pt cannot be read" in refusals["truncated"]["error"]
-        assert refusals["missing"]["unchanged"] and refusals["truncated"]["unchanged"]
-    a, b = (torch.load(tmp_path / f"straight-rank{r}.pt", weights_only=True) for r in (0, 1))
-    assert all(torch.equal(a["weights"][k], b["weights"][k]) for k in a["weights"])
+
+    a, b = (tmp_path / run / "step_18" for run in ("straight", "resumed"))
+    weights_a, weights_b = safetensors.torch.load_file(a / "model.safetensors"), \
+        safetensors.torch.load_file(b / "model.safetensors")
+    assert weights_a.keys() == weights_b.keys()
+    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+    optimizer_a, optimizer_b = (torch.load(f / "optimizer.bin", weights_only=True)["state"] for f in (a, b))
+    assert all(torch.equal(optimizer_a[i][k], optimizer_b[i][k]) for i in optimizer_a for k in optimizer_a[i]
+               if isinstance(optimizer_a[i][k], torch.Tensor))
+    state_a, state_b = (torch.load(f / "dst_state.pt", weights_only=True) for f in (a, b))
+    assert all(torch.equal(x, y) for x, y in zip(state_a["masks"], state_b["masks"]))
+    assert state_a["history"] == state_b["history"] and state_a["update_index"] == state_b["update_index"] > 3
+    # 48 images in batches of 4: 12 batches before prepare, 6 per process: 3 epochs are 18 steps per process
+    assert state_a["step_count"] == state_b["step_count"] == state_a["total_steps"] == 18
+
+    damaged = tmp_path / "damaged" / "step_9"
+    shutil.copytree(tmp_path / "straight" / "step_9", damaged)
+    (damaged / "dst_state.pt").unlink()
+    refused = launch("--output_dir", str(tmp_path / "refused"), "--resume_from_checkpoint", str(damaged))
+    assert refused.returncode != 0
+    assert f"DSTError: {damaged} has no dst_state.pt" in refused.stderr
+    assert not (tmp_path / "refused").exists()
 
 
 def test_save_state_writes_the_controller_and_load_state_restores_it(tmp_path, accelerators):
