@@ -114,6 +114,9 @@ def step(dst: dst_prune.DynamicSparsity | None) -> bool:
     skipped = updates is not None and updates.counted and not updates.stepped
     if updates is not None:
         updates.stepped = False
+    if skipped:
+        logger.warning("dst_prune: the optimizer given to dst_timm.apply did not step since the last update (the "
+                       "fp16 loss scaler skipped it); not counted, at step %d", dst.step_count)
     return dst.step(skipped=skipped)
 
 
@@ -248,11 +251,14 @@ def resume(dst: dst_prune.DynamicSparsity, path: str | Path | None) -> None:
     state = _controller(checkpoint, path)
     try:
         dst.check_state_dict(state)
-        for key in ("state_dict", "state_dict_ema"):
-            weights = checkpoint.get(key)
-            if isinstance(weights, dict):
-                dst.check_weights({k.removeprefix("module."): v for k, v in weights.items()}, state)
     except DSTError as error:
         raise DSTError(f"{path}: {error}") from None
+    for key in ("state_dict", "state_dict_ema"):
+        weights = checkpoint.get(key)
+        try:
+            if isinstance(weights, dict):
+                dst.check_weights({k.removeprefix("module."): v for k, v in weights.items()}, state)
+        except DSTError as error:
+            raise DSTError(f"{path}, {key}: {error}") from None
     dst.load_state_dict(state)
     logger.info("dst_prune: resumed the controller from %s at step %d", path, dst.step_count)
