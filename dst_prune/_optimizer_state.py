@@ -6,12 +6,34 @@ import torch
 
 from .errors import DSTError
 
-__all__ = ["optimizer_state_like", "require_optimizer", "unwrap_optimizer"]
+__all__ = ["Optimizers", "optimizer_state_like", "require_optimizer", "unwrap_optimizer"]
 
 
-def unwrap_optimizer(optimizer: object) -> torch.optim.Optimizer | None:
+class Optimizers:
+    """Several optimizers seen as one (`dst.optimizer = [opt_a, opt_b]`): their parameter groups, and the state
+    each keeps for its own parameters.
+
+    Attributes:
+        optimizers: the unwrapped `torch.optim.Optimizer`s.
+    """
+
+    def __init__(self, optimizers: list[torch.optim.Optimizer]) -> None:
+        self.optimizers = tuple(optimizers)
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [group for optimizer in self.optimizers for group in optimizer.param_groups]
+
+
+def unwrap_optimizer(optimizer: object) -> torch.optim.Optimizer | Optimizers | None:
     """The innermost `torch.optim.Optimizer` inside wrappers (accelerate's `AcceleratedOptimizer`, which is an
-    `Optimizer` subclass itself, Lightning's `LightningOptimizer`)."""
+    `Optimizer` subclass itself, Lightning's `LightningOptimizer`); for a list or tuple of them, `Optimizers`
+    (None if any is not an optimizer)."""
+    if isinstance(optimizer, (list, tuple)):
+        inner = [unwrap_optimizer(o) for o in optimizer]
+        if not inner or any(not isinstance(o, torch.optim.Optimizer) for o in inner):
+            return None
+        return Optimizers(inner)
     for _ in range(8):
         inner = getattr(optimizer, "optimizer", None)
         if inner is None or inner is optimizer:
@@ -20,18 +42,24 @@ def unwrap_optimizer(optimizer: object) -> torch.optim.Optimizer | None:
     return optimizer if isinstance(optimizer, torch.optim.Optimizer) else None
 
 
-def require_optimizer(optimizer: object) -> torch.optim.Optimizer | None:
-    """The `torch.optim.Optimizer` in `optimizer` (None for None); DSTError for anything else."""
+def require_optimizer(optimizer: object) -> torch.optim.Optimizer | Optimizers | None:
+    """The `torch.optim.Optimizer` in `optimizer` (None for None; `Optimizers` for a list or tuple of them);
+    DSTError for anything else."""
     inner = unwrap_optimizer(optimizer)
     if optimizer is not None and inner is None:
+        received = (f"a {type(optimizer).__name__} of " + ", ".join(type(o).__name__ for o in optimizer)
+                    if isinstance(optimizer, (list, tuple)) and optimizer else type(optimizer).__name__)
         raise DSTError(f"optimizer must be a torch.optim.Optimizer (or a wrapper of one, such as accelerate's); "
-                       f"received {type(optimizer).__name__}.")
+                       f"received {received}. Several optimizers go in a non-empty list or tuple.")
     return inner
 
 
-def optimizer_state_like(optimizer: torch.optim.Optimizer | None, param: torch.Tensor) -> list[torch.Tensor]:
-    """Every state tensor the optimizer keeps for `param` with `param`'s shape (momenta, moments, ...)."""
+def optimizer_state_like(optimizer: torch.optim.Optimizer | Optimizers | None,
+                         param: torch.Tensor) -> list[torch.Tensor]:
+    """Every state tensor the optimizer (each of `Optimizers`) keeps for `param` with `param`'s shape (momenta,
+    moments, ...)."""
     if optimizer is None:
         return []
-    state = optimizer.state.get(param, {})
-    return [v for v in state.values() if isinstance(v, torch.Tensor) and v.shape == param.shape]
+    optimizers = optimizer.optimizers if isinstance(optimizer, Optimizers) else (optimizer,)
+    return [v for o in optimizers for v in o.state.get(param, {}).values()
+            if isinstance(v, torch.Tensor) and v.shape == param.shape]

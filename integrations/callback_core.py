@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import dst_prune
-from dst_prune._optimizer_state import unwrap_optimizer
+from dst_prune._optimizer_state import Optimizers, unwrap_optimizer
 from dst_prune._validation import check_number
 from dst_prune.algorithms import create_algorithm
 from dst_prune.errors import DSTError
@@ -50,7 +50,7 @@ class SparseTraining:
             create_algorithm(method, hyperparameters)  # unknown methods and hyperparameters fail here, early
         self.framework, self.arguments, self.dst = framework, arguments, None
         self._stepped = False
-        self._hook = None
+        self._hooks: list = []
 
     def apply(self, model: nn.Module) -> dst_prune.DynamicSparsity:
         """Make `model` sparse (once); gives every rank rank 0's masks."""
@@ -69,14 +69,16 @@ class SparseTraining:
         return self.dst
 
     def start(self, optimizer: object, total_steps: int | None) -> None:
-        """Hand over the trainer's optimizer and the length of training (when training starts)."""
+        """Hand over the trainer's optimizer (or a list of those that hold sparse parameters) and the length of
+        training (when training starts)."""
         self.dst.optimizer = optimizer
         if not self.explicit_length and total_steps:
             self.dst.set_total_steps(int(total_steps))
         inner = unwrap_optimizer(optimizer)
-        if self._hook is not None:
-            self._hook.remove()
-        self._hook = inner.register_step_post_hook(self._count) if inner is not None else None
+        for hook in self._hooks:
+            hook.remove()
+        inners = inner.optimizers if isinstance(inner, Optimizers) else () if inner is None else (inner,)
+        self._hooks = [o.register_step_post_hook(self._count) for o in inners]
 
     def _count(self, optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:
         self._stepped = True
@@ -91,9 +93,14 @@ class SparseTraining:
 
     # --- the controller's state in a checkpoint folder ------------------------------------------------
     def save(self, path: Path) -> None:
-        """Write `dst.state_dict()` to `path` (atomically: a temporary file renamed over it)."""
+        """Write `dst.state_dict()` to `path` (a collective under FSDP2: call it on every rank)."""
+        self.write(self.dst.state_dict(), path)
+
+    @staticmethod
+    def write(state: dict, path: Path) -> None:
+        """Write a controller state to `path` atomically (a temporary file renamed over it)."""
         temporary = path.with_name(f".{path.name}.partial")
-        torch.save(self.dst.state_dict(), temporary)
+        torch.save(state, temporary)
         temporary.replace(path)
 
     def load(self, path: Path, what: str) -> None:

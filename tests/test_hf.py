@@ -4,6 +4,7 @@ from configs, plain checkpoints that `from_pretrained` loads into an untouched m
 from __future__ import annotations
 
 import re
+import shutil
 
 import pytest
 import torch
@@ -163,3 +164,124 @@ def test_callback_arguments_are_checked_when_it_is_built():
         DSTCallback(sparsity=0.9, method="rigl", threshold=3)
     with pytest.raises(dst_prune.DSTError, match="takes the trainer's optimizer itself"):
         DSTCallback(sparsity=0.9, optimizer=object())
+
+
+# --- resume, best model and rotation: a 12-step run saved every 4 steps, and its interruptions -----------------
+def rigl_callback() -> DSTCallback:
+    return DSTCallback(sparsity=0.9, method="rigl", update_every=2)
+
+
+def train_12(output, *callbacks, resume=None, **overrides) -> tuple[GPT2LMHeadModel, Trainer]:
+    model = gpt2()
+    trainer = Trainer(model=model, args=arguments(output, max_steps=12, **overrides), train_dataset=data(),
+                      callbacks=list(callbacks))
+    trainer.train(resume_from_checkpoint=resume)
+    return model, trainer
+
+
+def assert_same_run(model, callback, reference) -> None:
+    """Bitwise the same weights, masks and history as the uninterrupted run `reference`."""
+    reference_model, reference_callback, _ = reference
+    assert callback.dst.step_count == 12 and callback.dst.history == reference_callback.dst.history
+    a, b = reference_model.state_dict(), model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    masks = reference_callback.dst.masks()
+    assert all(torch.equal(masks[k], m) for k, m in callback.dst.masks().items())
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    callback, output = rigl_callback(), tmp_path_factory.mktemp("straight")
+    model, _ = train_12(output, callback)
+    assert callback.dst.update_index >= 3
+    return model, callback, output
+
+
+def test_resume_reads_the_folder_the_trainer_resumes_from_even_outside_output_dir(tmp_path, uninterrupted):
+    train_12(tmp_path / "run", rigl_callback(), StopAt(4))
+    elsewhere = tmp_path / "copied" / "step-4"  # not under any output_dir, not named checkpoint-N
+    elsewhere.parent.mkdir()
+    (tmp_path / "run" / "checkpoint-4").rename(elsewhere)
+    decoy = tmp_path / "new" / "checkpoint-4"  # where output_dir and the step would point: another step's state
+    decoy.mkdir(parents=True)
+    shutil.copy(uninterrupted[2] / "checkpoint-8" / "dst_state.pt", decoy / "dst_state.pt")
+    callback = rigl_callback()
+    model, _ = train_12(tmp_path / "new", callback, resume=str(elsewhere))
+    assert_same_run(model, callback, uninterrupted)
+
+
+class KilledDuringRotationError(Exception):
+    """The process died right after the Trainer deleted old checkpoints (before any on_save)."""
+
+
+def test_every_checkpoint_holds_the_controller_state_before_old_ones_are_rotated_away(tmp_path, monkeypatch,
+                                                                                     uninterrupted):
+    import transformers.trainer as trainer_module
+
+    rotate = trainer_module.rotate_checkpoints
+
+    def rotate_then_die(output_dir, **kwargs):
+        rotate(output_dir, **kwargs)
+        if (tmp_path / "run" / "checkpoint-8").is_dir():
+            raise KilledDuringRotationError
+
+    monkeypatch.setattr(trainer_module, "rotate_checkpoints", rotate_then_die)
+    with pytest.raises(KilledDuringRotationError):
+        train_12(tmp_path / "run", rigl_callback(), save_total_limit=1)
+    monkeypatch.undo()
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoint-8"]  # checkpoint-4 is gone
+    callback = rigl_callback()
+    model, _ = train_12(tmp_path / "run", callback, resume=True, save_total_limit=1)
+    assert_same_run(model, callback, uninterrupted)
+
+
+def test_load_best_model_at_end_restores_the_best_checkpoints_masks_with_its_weights(tmp_path):
+    from safetensors.torch import load_file
+
+    model, callback = gpt2(), DSTCallback(sparsity=0.9, method="set", update_every=1)
+    # the highest eval loss is "best": an early checkpoint, whose masks differ from the final ones
+    args = arguments(tmp_path / "run", max_steps=8, save_steps=2, eval_strategy="steps", eval_steps=2,
+                     load_best_model_at_end=True, metric_for_best_model="loss", greater_is_better=True)
+    trainer = Trainer(model=model, args=args, train_dataset=data(), eval_dataset=data(8), callbacks=[callback])
+    trainer.train()
+    best = tmp_path / "run" / trainer.state.best_model_checkpoint.split("/")[-1]
+    assert best.name != "checkpoint-8"
+    saved_weights = load_file(best / "model.safetensors")
+    saved_masks = torch.load(best / "dst_state.pt", weights_only=True)
+    last_masks = torch.load(tmp_path / "run" / "checkpoint-8" / "dst_state.pt", weights_only=True)
+    assert any(not torch.equal(a, b) for a, b in zip(saved_masks["masks"], last_masks["masks"]))
+    state = model.state_dict()
+    assert saved_weights.keys() <= state.keys()
+    assert all(torch.equal(saved_weights[k], state[k]) for k in saved_weights)  # exactly the best model
+    assert callback.dst.state_dict()["masks_digest"] == saved_masks["masks_digest"]
+    assert callback.dst.step_count == saved_masks["step_count"]
+
+    trainer.save_model(str(tmp_path / "final"))
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "final").eval()  # an untouched model
+    assert not dst_prune.is_sparse(loaded)
+    ids = torch.randint(0, VOCAB, (2, 16))
+    assert torch.equal(loaded(ids).logits, model.eval()(ids).logits)
+    assert torch.load(tmp_path / "final" / "dst_state.pt", weights_only=True)["masks_digest"] == \
+        saved_masks["masks_digest"]
+
+
+@pytest.mark.slow
+def test_fsdp2_checkpoints_gather_the_masks_on_every_rank_through_a_real_trainer(tmp_path):
+    """2 CPU ranks: a sharded GPT-2 saves two checkpoints; the callback's gather runs on every rank (no hang)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    worker = Path(__file__).parent / "workers" / "hf_fsdp_save.py"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker),
+               str(tmp_path)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("rank*.json"))]
+    assert len(ranks) == 2 and ranks[0] == ranks[1]
+    assert ranks[0]["sharded"] and ranks[0]["in_sync"] and ranks[0]["updates"] > 0
+    assert ranks[0]["saved"] == ["checkpoint-2", "checkpoint-4"] and ranks[0]["saved_step"] == 4
+    assert ranks[0]["saved_digest"] == ranks[0]["digest"]  # the file holds the full (gathered) masks

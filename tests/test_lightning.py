@@ -16,7 +16,7 @@ import dst_prune
 
 pl = pytest.importorskip("lightning.pytorch")
 sys.path.insert(0, str(Path(__file__).parent / "workers"))
-from lightning_module import Classifier, loader  # noqa: E402
+from lightning_module import Classifier, RandomData, TwoOptimizers, loader  # noqa: E402
 
 from dst_prune.integrations.lightning import DSTCallback  # noqa: E402
 
@@ -84,3 +84,125 @@ def test_two_process_ddp_keeps_masks_in_sync(tmp_path):
     ranks = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("rank*.json"))]
     assert len(ranks) == 2 and ranks[0] == ranks[1]
     assert ranks[0]["in_sync"] and ranks[0]["updates"] > 0 and ranks[0]["active"] == ranks[0]["budget"]
+    assert ranks[0]["state_dict_calls"] == 1  # trainer.save_checkpoint asks every rank for the controller's state
+    saved = torch.load(tmp_path / "ddp.ckpt", weights_only=True)["callbacks"]["dst_prune.DSTCallback"]
+    assert saved["step_count"] == 12 and saved["budget"] == ranks[0]["budget"]
+
+
+def quiet_trainer(**overrides) -> pl.Trainer:
+    return pl.Trainer(**{"accelerator": "cpu", "logger": False, "enable_checkpointing": False,
+                         "enable_progress_bar": False, "enable_model_summary": False, **overrides})
+
+
+def test_lightning_cli_builds_the_callback_from_a_yaml_config_and_trains(tmp_path):
+    from lightning.pytorch.cli import LightningCLI
+
+    config = tmp_path / "config.yaml"
+    config.write_text("""
+seed_everything: 0
+trainer:
+  accelerator: cpu
+  max_steps: 8
+  logger: false
+  enable_checkpointing: false
+  enable_progress_bar: false
+  enable_model_summary: false
+  callbacks:
+    - class_path: dst_prune.integrations.lightning.DSTCallback
+      init_args:
+        sparsity: 0.75
+        method: rigl
+        update_every: 2
+        dense_stem_and_head: false
+        hyperparameters:
+          drop_fraction: 0.5
+""")
+    cli = LightningCLI(Classifier, RandomData, args=["fit", "--config", str(config)], save_config_callback=None)
+    callback = next(c for c in cli.trainer.callbacks if isinstance(c, DSTCallback))
+    dst = callback.dst
+    assert dst.method == "rigl" and dst.step_count == 8 and dst.update_index == 2 and dst.total_steps == 8
+    assert dst.algorithm.drop_fraction == 0.5  # the method's own hyperparameter came through
+    assert sum(t.active() for t in dst.targets) == dst.budget == round(0.25 * dst.n_sparse)
+
+
+def test_hyperparameters_as_a_mapping_or_as_keywords_are_the_same_and_clashes_are_refused():
+    by_keyword = DSTCallback(sparsity=0.9, method="rigl", drop_fraction=0.3)
+    by_mapping = DSTCallback(sparsity=0.9, method="rigl", hyperparameters={"drop_fraction": 0.3})
+    assert by_keyword.training.arguments == by_mapping.training.arguments
+    with pytest.raises(dst_prune.DSTError, match="'drop_fraction', which is also given"):
+        DSTCallback(sparsity=0.9, method="rigl", hyperparameters={"drop_fraction": 0.3}, drop_fraction=0.2)
+    with pytest.raises(dst_prune.DSTError, match="'update_every', which is also given"):
+        DSTCallback(sparsity=0.9, hyperparameters={"update_every": 3})
+    with pytest.raises(dst_prune.DSTError, match="method='rigl' has no hyperparameter 'threshold'"):
+        DSTCallback(sparsity=0.9, method="rigl", hyperparameters={"threshold": 3})
+
+
+class MasksBeforeStep(pl.Callback):
+    """Keeps the masks as they were before the controller's step of each batch (runs before DSTCallback's)."""
+
+    def __init__(self, callback: DSTCallback) -> None:
+        self.callback, self.before = callback, None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.before = {k: m.clone() for k, m in self.callback.dst.masks().items()}
+
+
+def test_every_optimizer_holding_sparse_parameters_has_its_state_zeroed_at_changed_positions():
+    pl.seed_everything(0)
+    callback = DSTCallback(sparsity=0.75, method="set", update_every=2, dense_stem_and_head=False)
+    recorder = MasksBeforeStep(callback)
+    trainer = quiet_trainer(max_steps=16, callbacks=[recorder, callback])  # 2 optimizer steps per batch: 8 batches
+    module = TwoOptimizers()
+    trainer.fit(module, loader())
+    dst = callback.dst
+    assert dst.step_count == 8 and dst.total_steps == 8 and dst.update_index == 4  # the last batch reallocated
+    sgd, adam = trainer.optimizers
+    assert isinstance(dst.optimizer, tuple) and len(dst.optimizer) == 2
+    for target in dst.targets:
+        optimizer = sgd if target.name == "net.0.weight" else adam
+        state = [v for v in optimizer.state[target.param].values() if v.shape == target.shape]
+        changed = recorder.before[target.name] != target.mask
+        assert len(state) >= 1 and changed.any(), target.name
+        for tensor in state:  # momentum / both Adam moments: zero where pruned or regrown, and outside the mask
+            assert not tensor[changed].any() and not tensor[~target.mask].any(), target.name
+
+
+def test_resume_at_an_epoch_boundary_is_bitwise_exact(tmp_path):
+    """16 steps of 8 batches per epoch, stopped at step 8 (an epoch's last batch) and checkpointed there."""
+
+    class Stop(pl.Callback):
+        def __init__(self, save_here: bool) -> None:
+            self.save_here = save_here
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 8:
+                trainer.should_stop = True
+                if self.save_here:
+                    trainer.save_checkpoint(tmp_path / "step8.ckpt")
+
+    def run(*callbacks, ckpt_path=None, **limits):
+        pl.seed_everything(0)
+        callback = DSTCallback(sparsity=0.75, method="set", update_every=4, dense_stem_and_head=False)
+        trainer = quiet_trainer(callbacks=[callback, *callbacks], **limits)
+        module = Classifier()
+        trainer.fit(module, loader(), ckpt_path=ckpt_path)
+        return module, callback.dst, trainer.optimizers[0], trainer
+
+    # saved inside the loop, or after fit returned (exact with max_epochs; with max_steps Lightning itself resumes
+    # such a checkpoint one batch off, dense models too: docs/integrations.md)
+    references = {}
+    for limits, inside in (({"max_steps": 16}, True), ({"max_epochs": 2}, True), ({"max_epochs": 2}, False)):
+        if str(limits) not in references:
+            references[str(limits)] = run(**limits)
+        reference = references[str(limits)]
+        _, _, _, stopped = run(Stop(save_here=inside), **limits)
+        if not inside:
+            stopped.save_checkpoint(tmp_path / "step8.ckpt")
+        resumed = run(ckpt_path=tmp_path / "step8.ckpt", **limits)
+        (module, dst, optimizer, _), (module_b, dst_b, optimizer_b, _) = reference, resumed
+        assert dst_b.step_count == 16 and dst_b.history == dst.history and dst.update_index == 4
+        a, b = module.state_dict(), module_b.state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a)
+        assert all(torch.equal(m, dst_b.masks()[k]) for k, m in dst.masks().items())
+        state, state_b = optimizer.state_dict()["state"], optimizer_b.state_dict()["state"]
+        assert all(torch.equal(state[k]["momentum_buffer"], state_b[k]["momentum_buffer"]) for k in state)

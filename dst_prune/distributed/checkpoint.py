@@ -1,174 +1,230 @@
 """Checkpoints of sharded (FSDP2) runs through `torch.distributed.checkpoint` (DCP), the controller included.
 
-    dst_prune.distributed.checkpoint.save(path, model, optimizer, dst)     # on every rank
-    dst_prune.distributed.checkpoint.load(path, model, optimizer, dst)     # a fresh apply + fully_shard + optimizer
-    dst_prune.distributed.checkpoint.load_unsharded(path, model)          # one process, for inference
+    folder = distributed_checkpoint.save(path, model, optimizer, dst, extra={"epoch": 3})  # on every rank
+    extra = distributed_checkpoint.load(path, model, optimizer, dst)   # a fresh apply + fully_shard + optimizer
+    state = distributed_checkpoint.load_unsharded(path, model)         # one process, for inference
 
-The model and the optimizer go through DCP's `get_state_dict`/`set_state_dict`, so each rank writes and
-reads its own shards (and DCP can reshard). The model's state dict is plain (DESIGN.md rule 9: `weight`
-with zeros in place, no masks). The controller's state (`dst.state_dict()`: full masks bit-packed, 1 bit
-per weight, the same on every rank) is written once, by rank 0, as `dst_state.pt` beside DCP's files.
+The model and the optimizer go through DCP's `get_state_dict`/`set_state_dict`, so each rank writes and reads
+its own shards (and DCP can reshard). The model's state dict is plain (DESIGN.md rule 9: `weight` with zeros in
+place, no masks). The controller's state (`dst.state_dict()`: full masks bit-packed, the same on every rank) is
+written once, by rank 0, as `dst_state.pt`; `extra` (JSON values) as `extra.json`.
 
-Loading never unpickles an object: DCP's own reader unpickles its `.metadata` file and loads every
-non-tensor entry (the optimizer's hyperparameters) with `torch.load(weights_only=False)`; here the
-metadata is read by an unpickler that admits only DCP's metadata classes, every entry and `dst_state.pt`
-with `weights_only=True`, and anything else is a `DSTError` naming the file.
+Every save is a new folder `path/step-XXXXXXX` published atomically, with a SHA-256 manifest written last, and
+`path/latest` names the current one (`dcp_files`). Every load verifies before it writes anything: the manifest
+(each rank hashes the files it reads), the controller's state, the model's keys and shapes; it reads model and
+optimizer into staging tensors (same sharding: one more copy of this rank's shards), checks the staged weights
+against the saved masks, and only then copies them into the live model and optimizer and loads the controller.
+Any failure is the same `DSTError` on every rank, and model, optimizer and controller are unchanged.
+
+Nothing is unpickled as objects: DCP's `.metadata` is read by an allowlist unpickler, every entry and
+`dst_state.pt` with `weights_only=True` (`dcp_reader`).
 """
 
 from __future__ import annotations
 
 import io
+import json
+import logging
 import os
-import pickle
+import shutil
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from . import _dcp_files as dcp_files
+from ._dcp_agreement import agreed, gather_json, is_distributed, rank, refusing, world_size
+from ._dcp_files import checkpoint_folder, find_checkpoint
+from ._dcp_reader import read_metadata, verifying_reader, weights_only_planner
+from ._dcp_staging import check_against_masks, check_architecture, empty_like
 from ..errors import DSTError
 
-__all__ = ["CONTROLLER_FILE", "controller_state", "load", "load_unsharded", "save"]
+__all__ = ["CONTROLLER_FILE", "EXTRA_FILE", "controller_state", "find_checkpoint", "load", "load_unsharded", "save"]
+
+logger = logging.getLogger(__name__)
 
 CONTROLLER_FILE = "dst_state.pt"
-
-# what DCP's `.metadata` pickle may name: its dataclasses, tensor sizes, dtypes and layouts, and paths
-_METADATA_CLASSES = {
-    "torch.distributed.checkpoint.metadata": {
-        "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
-        "BytesStorageMetadata", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING"},
-    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
-    "torch.serialization": {"_get_layout"},
-    "torch": {"Size"},
-    "pathlib": {"Path", "PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"},
-}
+EXTRA_FILE = "extra.json"
 
 
-class _MetadataUnpickler(pickle.Unpickler):
-    """Reads DCP's metadata: only the classes it is made of, nothing that could run code."""
-
-    def __init__(self, file, path: Path) -> None:
-        super().__init__(file)
-        self.path = path
-
-    def find_class(self, module: str, name: str) -> object:
-        is_dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
-        if name in _METADATA_CLASSES.get(module, ()) or is_dtype:
-            return super().find_class(module, name)
-        raise DSTError(f"{self.path} names {module}.{name}, which is not part of a checkpoint's metadata; the "
-                       f"checkpoint is refused (loading it could run code).")
-
-
-def _safe_reader(path: str):
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.metadata import StorageMeta
-
-    class SafeReader(FileSystemReader):
-        def read_metadata(self, *args: object, **kwargs: object):
-            rank = kwargs.get("rank")
-            file = Path(path, ".metadata" if rank is None else f"__{rank}.metadata")
-            if not file.is_file():
-                file = Path(path, ".metadata")
-            try:
-                with open(file, "rb") as stream:
-                    metadata = _MetadataUnpickler(stream, file).load()
-            except DSTError:
-                raise
-            except Exception as error:
-                raise DSTError(f"{file} cannot be read as a checkpoint's metadata ({type(error).__name__}: "
-                               f"{str(error)[:200]}).") from None
-            if getattr(metadata, "storage_meta", None) is None:
-                metadata.storage_meta = StorageMeta()
-            metadata.storage_meta.load_id = self.load_id
-            return metadata
-
-    reader = SafeReader(path)
-    reader.read_metadata()  # refused here, with its DSTError, rather than wrapped in DCP's exception per rank
-    return reader
+def _checked_arguments(extra: object, keep: object) -> str | None:
+    """`extra` as JSON text (None when not given), after checking it and `keep`."""
+    if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
+        raise DSTError(f"keep={keep!r}; expected a number of checkpoints >= 1 to keep, or None to keep all.")
+    if extra is None:
+        return None
+    if not isinstance(extra, dict):
+        raise DSTError(f"extra is a {type(extra).__name__}; expected a dict of JSON values (e.g. "
+                       f"{{'epoch': 3, 'scheduler': scheduler.state_dict()}}).")
+    for key, value in extra.items():
+        reason = "it reads back as another value: use str keys and lists, not tuples"
+        try:
+            if json.loads(json.dumps({key: value}, allow_nan=False)) == {key: value}:
+                continue
+        except (TypeError, ValueError) as error:
+            reason = str(error)
+        raise DSTError(f"extra[{key!r}] is not a JSON value ({reason}); expected dicts with str keys, lists, str, "
+                       f"finite numbers, bools and None (convert tensors with .tolist()).")
+    return json.dumps(extra, allow_nan=False)
 
 
-def _safe_planner():
-    from torch.distributed.checkpoint import DefaultLoadPlanner
-    from torch.distributed.checkpoint._traverse import set_element
-
-    class WeightsOnlyPlanner(DefaultLoadPlanner):
-        """DCP's planner, reading every non-tensor entry with `weights_only=True`."""
-
-        def load_bytes(self, read_item, value: io.BytesIO) -> None:
-            try:
-                loaded = torch.load(value, map_location="cpu", weights_only=True)
-            except Exception as error:
-                raise DSTError(f"the checkpoint's entry {read_item.dest_index.fqn} is not tensors and plain values "
-                               f"({type(error).__name__}); it is refused.") from None
-            if self.flatten_state_dict:
-                set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], loaded)
-            else:
-                self.state_dict[read_item.dest_index.fqn] = loaded
-
-    return WeightsOnlyPlanner()
+def _publish(root: Path, partial: Path, step: int, shard_hashes: dict, controller: dict, extra: str | None,
+             keep: int | None) -> str:
+    """Rank 0: write the controller (and extra), the manifest last, publish, move `latest`, remove old ones."""
+    torch.save(controller, partial / CONTROLLER_FILE)
+    if extra is not None:
+        (partial / EXTRA_FILE).write_text(extra)
+    files = dict(shard_hashes)
+    files.update(dcp_files.hash_files(partial, [p.name for p in partial.iterdir() if p.name not in files]))
+    manifest = {"format": dcp_files.FORMAT, "step": step, "world_size": world_size(), "files": files}
+    final = dcp_files.publish(root, partial, manifest)
+    try:
+        dcp_files.remove_old(root, keep, final)
+    except OSError as error:  # the checkpoint is published; only the clean-up failed
+        logger.warning("could not remove old checkpoints in %s: %s", root, error)
+    return final.name
 
 
-def _distributed() -> bool:
-    import torch.distributed as dist
+def save(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer, dst: object, *,
+         extra: dict | None = None, keep: int | None = 2) -> Path:
+    """Save model, optimizer, controller and `extra` as a new checkpoint in `path` (a collective: every rank).
 
-    return dist.is_available() and dist.is_initialized()
+    Args:
+        path: the checkpoint root; the checkpoint becomes `path/step-XXXXXXX` (the controller's step) and
+            `path/latest` is moved to it once every file is on disk.
+        extra: JSON values saved with it (training position, LR scheduler state, ...); `load` returns them.
+        keep: how many checkpoints to keep in `path` (the newest; removed only after `latest` moved); None: all.
 
+    Returns:
+        The checkpoint folder.
 
-def _rank() -> int:
-    import torch.distributed as dist
-
-    return dist.get_rank() if _distributed() else 0
-
-
-def _barrier() -> None:
-    import torch.distributed as dist
-
-    if _distributed():
-        dist.barrier()
-
-
-def save(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer, dst: object) -> None:
-    """Save model, optimizer and controller to the DCP folder `path` (a collective: call it on every rank)."""
-    import torch.distributed.checkpoint as dcp
+    Raises:
+        DSTError: on every rank, if a rank failed; `latest` and the checkpoints in `path` are unchanged.
+    """
+    from torch.distributed.checkpoint import save as dcp_save
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
+    root, what = Path(path), f"saving a checkpoint to {path}"
+    extra_text = agreed(lambda: _checked_arguments(extra, keep), what)
+    had_state = bool(optimizer.state)
     model_state, optimizer_state = get_state_dict(model, optimizer)
-    controller = dst.state_dict()  # on every rank: it may gather sharded masks
-    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(path),
-             no_dist=not _distributed())
-    if _rank() == 0:
-        partial = Path(path, CONTROLLER_FILE + ".partial")
-        torch.save(controller, partial)
-        os.replace(partial, Path(path, CONTROLLER_FILE))
-    _barrier()
+    if not had_state:  # get_state_dict fills an empty optimizer state with a zero-gradient step: not ours to keep
+        optimizer.state.clear()
+    controller = dst.state_dict()  # on every rank: it gathers sharded masks
+    step = controller["step_count"]
+    name = agreed(lambda: dcp_files.new_partial(root, step).name if rank() == 0 else None, what)
+    partial = root / gather_json(name)[0]
+    try:
+        agreed(lambda: dcp_save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(partial),
+                                no_dist=not is_distributed()), what)
+        own = agreed(lambda: dcp_files.hash_files(partial, [p.name for p in partial.iterdir()
+                                                            if p.name.startswith(f"__{rank()}_")]), what)
+        shard_hashes = {file: entry for hashes in gather_json(own) for file, entry in hashes.items()}
+        final = agreed(lambda: _publish(root, partial, step, shard_hashes, controller, extra_text, keep)
+                       if rank() == 0 else None, what)
+    except DSTError:
+        if rank() == 0:
+            shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return root / gather_json(final)[0]
+
+
+def _manifest(folder: Path) -> dict | None:
+    manifest = dcp_files.read_manifest(folder)
+    if manifest is None and rank() == 0:
+        logger.warning("%s has no %s: it was written by an earlier dst_prune, whose save was not atomic and kept no "
+                       "checksums. It is loaded unverified (its weights are still checked against its masks); save "
+                       "it again to get a verified checkpoint.", folder, dcp_files.MANIFEST)
+    return manifest
+
+
+def _read_controller(folder: Path, manifest: dict | None) -> dict:
+    data = dcp_files.verified_bytes(folder, manifest, CONTROLLER_FILE)
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise DSTError(f"{folder / CONTROLLER_FILE} cannot be read as tensors and plain values ({type(error).__name__}"
+                       f": {str(error)[:200]}); the checkpoint is incomplete or not one of dst_prune's.") from None
+    if not isinstance(state, dict):
+        raise DSTError(f"{folder / CONTROLLER_FILE} holds a {type(state).__name__}, not a controller state dict.")
+    return state
 
 
 def controller_state(path: str | os.PathLike) -> dict:
-    """The controller state saved in the checkpoint folder `path` (read with `weights_only=True`)."""
-    file = Path(path, CONTROLLER_FILE)
+    """The controller state of the checkpoint `path` names (verified, read with `weights_only=True`)."""
+    folder = checkpoint_folder(path)
+    return _read_controller(folder, _manifest(folder))
+
+
+def _read_extra(folder: Path, manifest: dict | None) -> dict:
+    if manifest is None or EXTRA_FILE not in manifest["files"]:
+        return {}
     try:
-        return torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise DSTError(f"{file} cannot be read as tensors and plain values ({type(error).__name__}: "
-                       f"{str(error)[:200]}); the checkpoint is incomplete or not one of dst_prune's.") from None
+        extra = json.loads(dcp_files.verified_bytes(folder, manifest, EXTRA_FILE))
+    except ValueError as error:
+        raise DSTError(f"{folder / EXTRA_FILE} is not valid JSON ({error}).") from None
+    if not isinstance(extra, dict):
+        raise DSTError(f"{folder / EXTRA_FILE} holds a {type(extra).__name__}, not a dict.")
+    return extra
 
 
-def load(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer, dst: object) -> None:
-    """Load what `save` wrote into a model sharded the same way (a collective: call it on every rank).
+def _read_checked(folder: Path, dst: object) -> tuple:
+    """Manifest, metadata, controller state and extra of `folder`, each verified and checked against `dst`."""
+    manifest = _manifest(folder)
+    metadata = read_metadata(folder, manifest)
+    controller = _read_controller(folder, manifest)
+    if manifest is not None and manifest["step"] != controller.get("step_count"):
+        raise DSTError(f"{folder / CONTROLLER_FILE} is at step {controller.get('step_count')!r}, its manifest at "
+                       f"step {manifest['step']}: the files are of different saves.")
+    try:
+        dst.check_state_dict(controller)
+    except DSTError as error:
+        raise DSTError(f"{folder / CONTROLLER_FILE}: {error}") from None
+    return manifest, metadata, controller, _read_extra(folder, manifest)
 
-    Build the model as for the saved run (`dst_prune.apply`, `fully_shard`, the optimizer handed over
-    with `dst.optimizer = optimizer`), then call this before training. The controller's state is checked
-    before anything is loaded.
+
+def load(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer, dst: object) -> dict:
+    """Load a checkpoint of `save` into a model sharded the same way (a collective: call it on every rank).
+
+    Build the model as for the saved run (`dst_prune.apply`, `fully_shard`, the optimizer handed over with
+    `dst.optimizer = optimizer`), then call this before training.
+
+    Args:
+        path: the folder given to `save` (its `latest` checkpoint is loaded) or a checkpoint folder in it.
+
+    Returns:
+        The `extra` dict saved with the checkpoint (empty when none was).
+
+    Raises:
+        DSTError: on every rank, naming the file or tensor refused; model, optimizer and controller unchanged.
     """
-    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import load as dcp_load
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    controller = controller_state(path)
-    dst.check_state_dict(controller)  # refuse before anything changes
-    model_state, optimizer_state = get_state_dict(model, optimizer)
-    state = {"model": model_state, "optimizer": optimizer_state}
-    dcp.load(state, storage_reader=_safe_reader(str(path)), planner=_safe_planner(), no_dist=not _distributed())
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
-    dst.load_state_dict(controller)
+    what = f"loading the checkpoint {path}"
+    folder = Path(gather_json(agreed(lambda: str(checkpoint_folder(path)) if rank() == 0 else None, what))[0])
+    what = f"loading the checkpoint {folder}"
+    manifest, metadata, controller, extra = agreed(lambda: _read_checked(folder, dst), what)
+    optimizer_state_before, loaded = dict(optimizer.state), False
+
+    def staging() -> dict:
+        model_state, optimizer_state = get_state_dict(model, optimizer)
+        check_architecture(model_state, metadata, folder)
+        return {"model": empty_like(model_state), "optimizer": empty_like(optimizer_state)}
+
+    try:
+        staged = agreed(staging, what)
+        agreed(lambda: dcp_load(staged, storage_reader=verifying_reader(folder, manifest, metadata),
+                                planner=weights_only_planner(), no_dist=not is_distributed()), what)
+        agreed(lambda: check_against_masks(staged["model"], controller, folder / CONTROLLER_FILE), what)
+        set_state_dict(model, optimizer, model_state_dict=staged["model"], optim_state_dict=staged["optimizer"])
+        dst.load_state_dict(controller)
+        loaded = True
+    finally:
+        if not loaded:  # get_state_dict may have filled an empty optimizer state
+            optimizer.state.clear()
+            optimizer.state.update(optimizer_state_before)
+    return extra
 
 
 def load_unsharded(path: str | os.PathLike, model: nn.Module) -> dict[str, torch.Tensor]:
@@ -177,9 +233,25 @@ def load_unsharded(path: str | os.PathLike, model: nn.Module) -> dict[str, torch
     `model` is a freshly built (untouched) model of the checkpoint's architecture; its weights are filled
     in place, and the returned state dict loads with `strict=True` anywhere. To make it sparse again, with
     the checkpoint's masks: `dst_prune.load_sparse_state_dict(model, state, masks=controller_state(path))`.
-    """
-    import torch.distributed.checkpoint as dcp
 
-    state = {"model": model.state_dict()}
-    dcp.load(state, storage_reader=_safe_reader(str(path)), planner=_safe_planner(), no_dist=True)
-    return state["model"]
+    Raises:
+        DSTError: naming the key when `model` is of another architecture (a key missing, extra or of another
+            shape), or the file refused; `model` is unchanged.
+    """
+    from torch.distributed.checkpoint import load as dcp_load
+
+    folder = checkpoint_folder(path)
+
+    def read() -> dict:
+        manifest = _manifest(folder)
+        metadata = read_metadata(folder, manifest)
+        live = model.state_dict()
+        check_architecture(live, metadata, folder)
+        staged = {"model": empty_like(live)}
+        dcp_load(staged, storage_reader=verifying_reader(folder, manifest, metadata), planner=weights_only_planner(),
+                 no_dist=True)
+        check_against_masks(staged["model"], _read_controller(folder, manifest), folder / CONTROLLER_FILE)
+        return staged["model"]
+
+    model.load_state_dict(refusing(read, f"loading the checkpoint {folder} into one process"), strict=True)
+    return model.state_dict()

@@ -33,6 +33,37 @@ class Classifier(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
 
 
+class TwoOptimizers(Classifier):
+    """Manual optimization with two optimizers over different parameters: SGD with momentum for the first layer,
+    Adam for the rest."""
+
+    def __init__(self, width: int = 32) -> None:
+        super().__init__(width)
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        first, rest = self.optimizers()
+        x, y = batch
+        loss = nn.functional.cross_entropy(self(x), y)
+        first.zero_grad()
+        rest.zero_grad()
+        self.manual_backward(loss)
+        first.step()
+        rest.step()
+        return loss
+
+    def configure_optimizers(self):
+        return [torch.optim.SGD(self.net[0].parameters(), lr=0.1, momentum=0.9),
+                torch.optim.Adam([p for layer in self.net[1:] for p in layer.parameters()], lr=0.01)]
+
+
+class RandomData(pl.LightningDataModule):
+    """`loader()` as a datamodule (for LightningCLI)."""
+
+    def train_dataloader(self) -> DataLoader:
+        return loader()
+
+
 def loader(rank_offset: int = 0) -> DataLoader:
     g = torch.Generator().manual_seed(rank_offset)
     x = torch.randn(64, 16, generator=g)
@@ -49,9 +80,13 @@ def main(out_dir: str) -> None:
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(Classifier(), loader())
     dst = callback.dst
+    calls = []  # Lightning must ask every rank for the callback's state (a collective under FSDP2)
+    state_dict = callback.state_dict
+    callback.state_dict = lambda: calls.append(1) or state_dict()
+    trainer.save_checkpoint(Path(out_dir, "ddp.ckpt"))
     Path(out_dir, f"rank{trainer.global_rank}.json").write_text(json.dumps(
         {"digest": mask_digest(dst.targets), "in_sync": dst.check_sync(), "updates": dst.update_index,
-         "active": sum(t.active() for t in dst.targets), "budget": dst.budget}))
+         "active": sum(t.active() for t in dst.targets), "budget": dst.budget, "state_dict_calls": len(calls)}))
 
 
 if __name__ == "__main__":
