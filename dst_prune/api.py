@@ -98,7 +98,7 @@ def apply(model: nn.Module, *, sparsity: float, method: str = "dsr", distributio
     _refuse_non_finite(specs, params)
     groupings = groupings_for(granularity, [s.name for s in specs], [p.shape for p in params], sparsity=config.sparsity,
                               distribution=distribution, gradual=algorithm.gradual, layouts=[s.layout for s in specs])
-    masks = initial_masks(specs, params, sparsity=algorithm.initial_sparsity(config.sparsity),
+    masks = initial_masks(specs, params, sparsity=algorithm.starting_sparsity(config.sparsity),
                           final_sparsity=config.sparsity, distribution=distribution, init=init, seed=config.seed,
                           groupings=groupings, algorithm=algorithm)
     require_optimizer(optimizer)

@@ -217,7 +217,7 @@ def make_grouping(granularity: object, shape: torch.Size | tuple[int, ...], layo
 
 
 def groupings_for(granularity: object, names: list[str], shapes: list[torch.Size], *, sparsity: float,
-                  distribution: str, gradual: bool, layouts: list[Layout] | None = None) -> list[Grouping]:
+                  distribution: object, gradual: bool, layouts: list[Layout] | None = None) -> list[Grouping]:
     """One `Grouping` per sparse tensor, refusing what the granularity cannot do (before the model is touched)."""
     name, n, m = parse_granularity(granularity)
     layouts = layouts or [(0, 1)] * len(shapes)

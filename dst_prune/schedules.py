@@ -3,7 +3,8 @@
 - `UpdateSchedule`: every `update_every` steps, the period doubling at given steps (DSR, Mostafa & Wang
   2019, sec. 4), none from `stop_step` on (RigL's `T_end = 0.75 * total_steps`).
 - `decayed_fraction`: the drop fraction at a step, `cosine` (RigL, Evci et al. 2020, eq. 1:
-  `f(t) = alpha / 2 * (1 + cos(pi * t / T_end))`; SNFS's prune rate), `linear` or `constant`.
+  `f(t) = alpha / 2 * (1 + cos(pi * t / T_end))`; SNFS's prune rate), `linear`, `constant`, or a callable
+  of your own, `factor(progress)` with `progress = t / T_end` in [0, 1] and the factor in [0, 1].
 - `cubic_sparsity`: gradual pruning (Zhu & Gupta 2017, eq. 1:
   `s_t = s_f + (s_i - s_f) * (1 - (t - t_0) / (n * dt)) ** 3`).
 """
@@ -11,12 +12,12 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from .errors import DSTError
 
-__all__ = ["DECAYS", "UpdateSchedule", "cubic_sparsity", "decayed_fraction"]
+__all__ = ["DECAYS", "UpdateSchedule", "check_decay", "cubic_sparsity", "decayed_fraction"]
 
 DECAYS = ("cosine", "linear", "constant")
 
@@ -64,11 +65,40 @@ class UpdateSchedule:
         return {"update_every": self.update_every, "stop_step": self.stop_step, "double_at": list(self.double_at)}
 
 
-def decayed_fraction(initial: float, step: int, end: int | None, decay: str) -> float:
+Decay = str | Callable[[float], float]
+
+
+def _factor(decay: Callable[[float], float], progress: float) -> float:
+    try:
+        factor = decay(progress)
+    except Exception as error:
+        raise DSTError(f"decay={decay!r} failed at progress {progress} ({type(error).__name__}: {error}); a decay "
+                       f"callable takes the progress in [0, 1] and returns a factor in [0, 1].") from None
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0.0 <= factor <= 1.0:
+        raise DSTError(f"decay={decay!r} returned {factor!r} at progress {progress}; a decay callable returns a "
+                       f"factor in [0, 1].")
+    return float(factor)
+
+
+def check_decay(decay: object) -> Decay:
+    """`decay` if it is one of `DECAYS` or a callable returning factors in [0, 1] (checked at 0, 0.5 and 1)."""
+    if callable(decay):
+        for progress in (0.0, 0.5, 1.0):
+            _factor(decay, progress)
+        return decay
+    if not isinstance(decay, str) or decay not in DECAYS:
+        raise DSTError(f"decay={decay!r} is unknown; valid choices: {', '.join(DECAYS)}, or a callable "
+                       f"factor(progress).")
+    return decay
+
+
+def decayed_fraction(initial: float, step: int, end: int | None, decay: Decay) -> float:
     """The fraction `initial` decayed from step 0 to zero at step `end` (constant if `end` is None)."""
     if decay == "constant" or end is None:
         return initial
     progress = min(max(step / end, 0.0), 1.0)
+    if callable(decay):
+        return initial * _factor(decay, progress)
     if decay == "cosine":
         return initial / 2 * (1 + math.cos(math.pi * progress))
     return initial * (1 - progress)

@@ -36,8 +36,8 @@ from timm.utils.model import get_state_dict, unwrap_model
 from torch import nn
 
 import dst_prune
-from dst_prune.errors import DSTError
 from dst_prune._optimizer_state import unwrap_optimizer
+from dst_prune.errors import DSTError
 
 __all__ = ["SparseCheckpointSaver", "apply", "checkpoint_state", "resume", "step", "track_ema"]
 

@@ -106,7 +106,7 @@ def test_snfs_momentum_accumulates_the_dense_gradient():
         backward_with_gradient(model, gradient)
         model.zero_grad()
         dst.step()
-    assert torch.allclose(dst.algorithm.momentum[0], 0.5 * first + second)  # dense: masked positions too
+    assert torch.allclose(dst.algorithm.gradient_momentum[0], 0.5 * first + second)  # dense: masked positions too
 
 
 def test_snfs_shares_follow_the_mean_momentum_of_active_weights():
@@ -123,7 +123,7 @@ def test_snfs_shares_follow_the_mean_momentum_of_active_weights():
     momentum[0][:8], momentum[1][:8] = 3.0, 1.0  # mean |M| over active weights: 3 and 1
     momentum[0][8:] = torch.tensor([10.0, 9, 8, 7, 6, 5, 4, 3.5])
     momentum[1][8:] = torch.tensor([2.0, 1.5, 1.2, 1.1, 0.5, 0.4, 0.3, 0.2])
-    dst.algorithm.momentum = [m.view(4, 4) for m in momentum]
+    dst.algorithm.gradient_momentum = [m.view(4, 4) for m in momentum]
     dst.reparameterize()
     # 8 dropped in all, shared 3:1 -> 6 and 2, grown at the largest momentum among inactive positions
     assert apportion(8, [3.0, 1.0], [12, 12]) == [6, 2]

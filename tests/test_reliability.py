@@ -104,7 +104,7 @@ def test_non_finite_weights_and_gradients_never_change_the_count(method, bad, ca
     if method in GRADIENT_METHODS:
         assert "dense gradient" in logged
     if method == "snfs":
-        assert all(torch.isfinite(m).all() for m in dst.algorithm.momentum)
+        assert all(torch.isfinite(m).all() for m in dst.algorithm.gradient_momentum)
     train(model, optimizer, dst, 6, start=2)  # and training goes on, finite
     assert_invariants(dst, optimizer)
     assert all(torch.isfinite(t.orig).all() for t in dst.targets)

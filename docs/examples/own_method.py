@@ -3,6 +3,8 @@
 Shown in docs/extending.md and run by the test suite.
 """
 
+import dataclasses
+
 import torch
 from torch import nn
 
@@ -10,23 +12,16 @@ import dst_prune
 
 
 @dst_prune.register_method("saliency_rigl")
+@dataclasses.dataclass(eq=False, kw_only=True)
 class SaliencyRigL(dst_prune.DropAndGrow):
     """RigL's growth; drop the active weights whose |w * dL/dw| is smallest (Molchanov et al. 2019, eq. 8)."""
 
-    default_decay = "cosine"
-
-    def needs_dense_gradient(self, step: int) -> bool:
-        return self.is_update_step(step)  # capture dL/dW on the step before each update
-
-    def prepare(self) -> None:
-        self.gradients = self.dense_gradients()
+    grows_by = "gradient"  # dL/dW of the step before each update: self.gradients; grown where it is largest
+    decay: str = "cosine"  # a hyperparameter of DropAndGrow, with this method's default
 
     def drop_scores(self, layer: int) -> torch.Tensor:
         target = self.targets[layer]
         return target.scores(target.orig * self.gradients[layer])
-
-    def grow_scores(self, layer: int) -> torch.Tensor:
-        return self.targets[layer].scores(self.gradients[layer])
 
 
 model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))

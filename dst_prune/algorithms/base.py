@@ -2,14 +2,20 @@
 
 An algorithm is bound to a `SparsityContext` (the sparse tensors, budget, step, seed, optimizer), not
 to the controller. It writes masks only through `prune`, `grow` and `set_indices`, which keep the
-invariants of DESIGN.md (zeroed weights, gradients and optimizer state at pruned and regrown positions)
-and record every change for the undo log of the update. Random choices come from `generator(layer)`,
-seeded from `(seed, update index, layer)` only, so every rank of a distributed run and every resumed run
-draws the same masks.
+invariants of `docs/design.md` (zeroed weights, gradients and optimizer state at pruned and regrown
+positions) and record every change for the undo log of the update. Random choices come from
+`generator(layer)`, seeded from `(seed, update index, layer)` only, so every rank of a distributed run and
+every resumed run draws the same masks.
+
+A method's hyperparameters are the fields of a dataclass (`@dataclasses.dataclass(eq=False, kw_only=True)`
+on the class): each is declared once, with its default, and `hyperparameters()` lists them; validation
+goes in `__post_init__`. A method may instead write its own `__init__` (its keyword arguments are then its
+hyperparameters).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from typing import ClassVar
 
@@ -25,15 +31,18 @@ from .context import SparsityContext
 __all__ = ["SparseAlgorithm"]
 
 
+@dataclasses.dataclass(eq=False, kw_only=True)
 class SparseAlgorithm:
     """Base class of the DST algorithms (`method=` of `dst_prune.apply`).
 
-    A subclass takes its hyperparameters as keyword arguments of `__init__` (validated there, before the
+    A subclass declares its hyperparameters as dataclass fields (validated in `__post_init__`, before the
     model is touched), implements `reparameterize`, and may override the schedule hooks below. Register
     it with `dst_prune.register_method(name)` to make it available by name.
     """
 
     name: ClassVar[str] = ""
+    #: the `SparsityContext` it works on, once bound (`apply` binds it)
+    context = None
     #: starts denser and prunes to the target on its own schedule (GMP, GraNet)
     gradual: ClassVar[bool] = False
     #: stop reallocating at this fraction of `total_steps` unless `stop_fraction`/`stop_step` is given
@@ -41,12 +50,35 @@ class SparseAlgorithm:
     #: whether its schedule cannot run without `total_steps` (or an explicit `stop_step`)
     needs_total_steps: ClassVar[bool] = False
 
-    def __init__(self) -> None:
+    def __post_init__(self) -> None:
         self.context: SparsityContext | None = None
 
     @classmethod
+    def _own_init(cls) -> bool:
+        """Whether the class (or a base below its nearest dataclass) writes its own `__init__`."""
+        for klass in cls.__mro__:
+            if "__init__" in vars(klass):
+                return "__dataclass_fields__" not in vars(klass)
+        return False
+
+    @classmethod
     def hyperparameters(cls) -> list[str]:
-        return [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "args", "kwargs")]
+        """The names of the method's hyperparameters (its dataclass fields, or its own `__init__`'s arguments)."""
+        if cls._own_init():
+            return [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "args", "kwargs")]
+        return [f.name for f in dataclasses.fields(cls) if f.init]
+
+    @classmethod
+    def defaults(cls) -> dict[str, object]:
+        """`{hyperparameter: default}` of a dataclass method (what the docs' table of defaults shows)."""
+        if cls._own_init():
+            return {n: p.default for n, p in inspect.signature(cls.__init__).parameters.items()
+                    if p.default is not inspect.Parameter.empty}
+        return {f.name: f.default for f in dataclasses.fields(cls) if f.init and f.default is not dataclasses.MISSING}
+
+    def hyperparameter_values(self) -> dict[str, object]:
+        """The hyperparameters this instance runs with (recorded in checkpoints)."""
+        return {name: getattr(self, name) for name in self.hyperparameters() if hasattr(self, name)}
 
     @classmethod
     def create(cls, **hyperparameters: object) -> SparseAlgorithm:
@@ -70,7 +102,7 @@ class SparseAlgorithm:
     def check_schedule(self, schedule: UpdateSchedule) -> None:
         """Refuse a schedule the method cannot run (before the model is touched)."""
 
-    def initial_sparsity(self, final: float) -> float:
+    def starting_sparsity(self, final: float) -> float:
         """The sparsity `apply` starts from (the target, except for gradual methods)."""
         return final
 

@@ -8,12 +8,15 @@ step (`schedules.decayed_fraction`; RigL's eq. 1 for `cosine`). A group dropped 
 update keeps its weights (RigL's default), so the counts recorded are the net changes; new groups start
 at zero. With `n:m` granularity each block regrows exactly what it dropped.
 
-A new method is usually a few lines on this class:
+A method that grows by the dense gradient says so (`grows_by = "gradient"`): the base class then captures
+`dL/dW` on the step before each update (averaged across ranks, non-finite entries as zero), hands it over
+as `self.gradients` while the update runs, grows where it is largest, and frees it afterwards. A new
+method is usually a few lines on this class:
 
     @dst_prune.register_method("gradient_times_weight")
     class GradientTimesWeight(dst_prune.DropAndGrow):
-        def needs_dense_gradient(self, step): return self.is_update_step(step)
-        def prepare(self): self.gradients = self.dense_gradients()
+        grows_by = "gradient"
+
         def drop_scores(self, layer):
             target = self.targets[layer]
             return target.scores(target.orig * self.gradients[layer])
@@ -21,37 +24,62 @@ A new method is usually a few lines on this class:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+import warnings
+from collections.abc import Callable, Sequence
 from typing import ClassVar
 
 import torch
 
 from .._scores import finite_scores
 from .._selection import index_mask
-from .._validation import check_choice, check_number
-from ..schedules import DECAYS, decayed_fraction
+from .._validation import check_number
+from ..errors import DSTError
+from ..schedules import check_decay, decayed_fraction
 from .base import SparseAlgorithm
 
 __all__ = ["DropAndGrow"]
 
 
+@dataclasses.dataclass(eq=False, kw_only=True)
 class DropAndGrow(SparseAlgorithm):
     """Drop the weakest groups of every layer and grow as many where `grow_scores` is highest.
 
     Args:
         drop_fraction: the initial fraction of each layer's active groups replaced per update.
-        decay: how the fraction decays to zero at the stop step: `constant`, `cosine` or `linear`
-            (default: the class's `default_decay`).
+        decay: how the fraction decays to zero at the stop step: `constant`, `cosine`, `linear`, or a
+            callable `f(progress) -> factor` (progress from 0 to 1; the factor in [0, 1]).
     """
 
-    default_drop_fraction: ClassVar[float] = 0.3
-    default_decay: ClassVar[str] = "constant"
+    #: what growth ranks by: None (random, or the method's own `grow_scores`) or "gradient" (the dense gradient
+    #: of the step before each update: captured, handed over as `self.gradients`, freed by the base class)
+    grows_by: ClassVar[str | None] = None
 
-    def __init__(self, drop_fraction: float | None = None, decay: str | None = None) -> None:
-        super().__init__()
-        fraction = self.default_drop_fraction if drop_fraction is None else drop_fraction
-        self.drop_fraction = check_number(fraction, "drop_fraction", low=0.0, high=1.0)
-        self.decay = check_choice(self.default_decay if decay is None else decay, "decay", DECAYS)
+    drop_fraction: float = 0.3
+    decay: str | Callable[[float], float] = "constant"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("drop_fraction", "decay"):
+            self._take_default(name)
+        self.drop_fraction = check_number(self.drop_fraction, "drop_fraction", low=0.0, high=1.0)
+        self.decay = check_decay(self.decay)
+        if self.grows_by not in (None, "gradient"):
+            raise DSTError(f"{type(self).__name__}.grows_by must be None or 'gradient'; it is {self.grows_by!r}.")
+        self.gradients: list | None = None
+
+    def _take_default(self, name: str) -> None:
+        """None (from a method's own `__init__`) means the default; a `default_<name>` class attribute (the way
+        dst_prune 0.2 declared defaults) still sets it, with a DeprecationWarning."""
+        default = _field_default(type(self), name)
+        legacy = getattr(type(self), f"default_{name}", None)
+        if legacy is not None and getattr(self, name) in (None, default):
+            warnings.warn(f"{type(self).__name__}.default_{name} is deprecated: declare the field instead "
+                          f"({name}: ... = {legacy!r} on a @dataclasses.dataclass(eq=False, kw_only=True) class).",
+                          DeprecationWarning, stacklevel=4)
+            setattr(self, name, legacy)
+        elif getattr(self, name) is None:
+            setattr(self, name, default)
 
     @property
     def needs_total_steps(self) -> bool:  # a decaying fraction needs an end
@@ -59,6 +87,9 @@ class DropAndGrow(SparseAlgorithm):
 
     def current_drop_fraction(self) -> float:
         return decayed_fraction(self.drop_fraction, self.step, self.context.decay_end, self.decay)
+
+    def needs_dense_gradient(self, step: int) -> bool:
+        return self.grows_by == "gradient" and self.is_update_step(step)
 
     # --- what a subclass overrides -------------------------------------------------------------------
     def prepare(self) -> None:
@@ -69,7 +100,10 @@ class DropAndGrow(SparseAlgorithm):
         return self.magnitudes(layer)
 
     def grow_scores(self, layer: int) -> torch.Tensor | None:
-        """One score per group of `layer`; the highest inactive ones are grown. None (default): at random."""
+        """One score per group of `layer`; the highest inactive ones are grown. Default: the dense gradient's
+        mean `|dL/dW|` when `grows_by = "gradient"`, else None (at random)."""
+        if self.grows_by == "gradient":
+            return self.targets[layer].scores(self.gradients[layer])
         return None
 
     def grow_counts(self, dropped: Sequence[int], rooms: Sequence[int]) -> list[int]:
@@ -79,8 +113,13 @@ class DropAndGrow(SparseAlgorithm):
 
     # --- the update --------------------------------------------------------------------------------
     def reparameterize(self) -> None:
-        self.prepare()
-        self.exchange(self.current_drop_fraction())
+        if self.grows_by == "gradient":
+            self.gradients = self.dense_gradients()
+        try:
+            self.prepare()
+            self.exchange(self.current_drop_fraction())
+        finally:
+            self.gradients = None  # a dense gradient per tensor: never kept between updates
 
     def exchange(self, fraction: float) -> None:
         """Drop `floor(fraction * active)` groups per layer and grow as many (or `grow_counts`) back."""
@@ -122,3 +161,7 @@ class DropAndGrow(SparseAlgorithm):
 
     def metrics(self) -> dict:
         return {"drop_fraction": self.current_drop_fraction()}
+
+
+def _field_default(cls: type, name: str) -> object:
+    return next(f.default for f in dataclasses.fields(cls) if f.name == name)

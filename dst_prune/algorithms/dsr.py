@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import torch
@@ -20,6 +21,7 @@ logger = logging.getLogger(__name__)
 
 
 @register_method("dsr")
+@dataclasses.dataclass(eq=False, kw_only=True)
 class DSR(SparseAlgorithm):
     """DSR: prune by one global magnitude threshold that adapts, regrow in proportion to survivors.
 
@@ -43,13 +45,17 @@ class DSR(SparseAlgorithm):
         delta: the fractional tolerance around `K` (paper: 0.1).
     """
 
-    def __init__(self, target_fraction_to_prune: float = 1e-2, pruning_threshold: float = 1e-3,
-                 delta: float = 0.1) -> None:
-        super().__init__()
-        self.target_fraction_to_prune = check_number(target_fraction_to_prune, "target_fraction_to_prune", low=0.0,
-                                                     high=1.0, low_open=True, high_open=False)
-        self.threshold = check_number(pruning_threshold, "pruning_threshold", low=0.0, low_open=True)
-        self.delta = check_number(delta, "delta", low=0.0, high=1.0)
+    target_fraction_to_prune: float = 1e-2
+    pruning_threshold: float = 1e-3
+    delta: float = 0.1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.target_fraction_to_prune = check_number(self.target_fraction_to_prune, "target_fraction_to_prune",
+                                                     low=0.0, high=1.0, low_open=True, high_open=False)
+        self.pruning_threshold = check_number(self.pruning_threshold, "pruning_threshold", low=0.0, low_open=True)
+        self.threshold = self.pruning_threshold  # `H`, which adapts at every update (the hyperparameter stays)
+        self.delta = check_number(self.delta, "delta", low=0.0, high=1.0)
         self._pruned: list[torch.Tensor] | None = None  # positions pruned in the update under way
         self._adjusted = False
         self._freed: list[int] = []

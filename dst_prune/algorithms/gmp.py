@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from .._selection import global_top_k, top_k_mask
 from .._validation import check_int, check_number
 from ..budget.distributions import apportion, layer_shares, total_budget
@@ -33,7 +35,7 @@ class GradualPruning:
     def end_step(self) -> int:
         return self.algorithm.context.schedule.stop_step
 
-    def initial_sparsity(self, final: float) -> float:
+    def starting_sparsity(self, final: float) -> float:
         if self.start_sparsity > final:
             raise DSTError(f"initial_sparsity={self.start_sparsity} is above sparsity={final}: method="
                            f"{self.algorithm.name!r} only prunes. Pass an initial_sparsity at most the target.")
@@ -82,8 +84,8 @@ class Gradual:
     gradual = True
     needs_total_steps = True
 
-    def initial_sparsity(self, final: float) -> float:
-        return self.pruning.initial_sparsity(final)
+    def starting_sparsity(self, final: float) -> float:
+        return self.pruning.starting_sparsity(final)
 
     def check_schedule(self, schedule: UpdateSchedule) -> None:
         self.pruning.check_schedule(schedule)
@@ -96,6 +98,7 @@ class Gradual:
 
 
 @register_method("gmp")
+@dataclasses.dataclass(eq=False, kw_only=True)
 class GMP(Gradual, SparseAlgorithm):
     """GMP: prune the smallest weights gradually, from `initial_sparsity` to the target, on a cubic schedule.
 
@@ -109,9 +112,12 @@ class GMP(Gradual, SparseAlgorithm):
 
     default_stop_fraction = 0.75
 
-    def __init__(self, initial_sparsity: float = 0.0, begin_step: int = 0) -> None:
-        super().__init__()
-        self.pruning = GradualPruning(self, initial_sparsity, begin_step)
+    initial_sparsity: float = 0.0
+    begin_step: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.pruning = GradualPruning(self, self.initial_sparsity, self.begin_step)
 
     def reparameterize(self) -> None:
         self.pruning.prune_to_budget()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
+
 from .gmp import Gradual, GradualPruning
 from .registry import register_method
 from .rigl import RigL
@@ -10,6 +13,7 @@ __all__ = ["GraNet"]
 
 
 @register_method("granet")
+@dataclasses.dataclass(eq=False, kw_only=True)
 class GraNet(Gradual, RigL):
     """GraNet: GMP's cubic pruning, then RigL's regeneration, at every pruning step.
 
@@ -27,16 +31,17 @@ class GraNet(Gradual, RigL):
         decay: `cosine` (the paper), `linear` or `constant`.
     """
 
-    default_drop_fraction = 0.5
+    initial_sparsity: float = 0.0
+    begin_step: int = 0
+    drop_fraction: float = 0.5
+    decay: str | Callable[[float], float] = "cosine"
 
-    def __init__(self, initial_sparsity: float = 0.0, begin_step: int = 0, drop_fraction: float = 0.5,
-                 decay: str = "cosine") -> None:
-        super().__init__(drop_fraction, decay)
-        self.pruning = GradualPruning(self, initial_sparsity, begin_step)
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.pruning = GradualPruning(self, self.initial_sparsity, self.begin_step)
 
     def prepare(self) -> None:
-        super().prepare()  # the gradients first: they are of the step before any pruning
-        self.pruning.prune_to_budget()
+        self.pruning.prune_to_budget()  # (the dense gradients were taken first: they are of the step before)
 
     def metrics(self) -> dict:
         return {"scheduled_sparsity": self.pruning.current_sparsity(), **super().metrics()}

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import torch
+import dataclasses
+from collections.abc import Callable
 
 from .registry import register_method
 from .set import SET
@@ -11,6 +12,7 @@ __all__ = ["RigL"]
 
 
 @register_method("rigl")
+@dataclasses.dataclass(eq=False, kw_only=True)
 class RigL(SET):
     """RigL: SET with growth where the dense gradient `|dL/dW|` is largest.
 
@@ -25,20 +27,7 @@ class RigL(SET):
         decay: `cosine` (the paper), `linear` or `constant`.
     """
 
-    default_decay = "cosine"
+    grows_by = "gradient"
     default_stop_fraction = 0.75
 
-    def needs_dense_gradient(self, step: int) -> bool:
-        return self.is_update_step(step)
-
-    def prepare(self) -> None:
-        self.gradients = self.dense_gradients()
-
-    def reparameterize(self) -> None:
-        try:
-            super().reparameterize()
-        finally:
-            self.gradients = None  # a dense gradient per tensor: not kept between updates
-
-    def grow_scores(self, layer: int) -> torch.Tensor:
-        return self.targets[layer].scores(self.gradients[layer])
+    decay: str | Callable[[float], float] = "cosine"

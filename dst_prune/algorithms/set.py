@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
+
 from .drop_and_grow import DropAndGrow
 from .registry import register_method
 
@@ -9,6 +12,7 @@ __all__ = ["SET"]
 
 
 @register_method("set")
+@dataclasses.dataclass(eq=False, kw_only=True)
 class SET(DropAndGrow):
     """SET: per layer, drop the weakest active weights and regrow as many at random, at zero.
 
@@ -21,5 +25,5 @@ class SET(DropAndGrow):
         decay: `constant` as in the paper; `cosine` or `linear` decay it to zero at the stop step.
     """
 
-    default_drop_fraction = 0.3
-    default_decay = "constant"
+    drop_fraction: float = 0.3
+    decay: str | Callable[[float], float] = "constant"

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -17,6 +18,7 @@ __all__ = ["SNFS"]
 
 
 @register_method("snfs")
+@dataclasses.dataclass(eq=False, kw_only=True)
 class SNFS(DropAndGrow):
     """Sparse momentum: prune by magnitude, redistribute and regrow by the momentum of the dense gradient.
 
@@ -40,14 +42,16 @@ class SNFS(DropAndGrow):
         momentum: `beta` of the dense-gradient momentum (0.9, the paper's SGD momentum).
     """
 
-    default_drop_fraction = 0.5
-    default_decay = "cosine"
     default_stop_fraction = 1.0
 
-    def __init__(self, drop_fraction: float = 0.5, decay: str = "cosine", momentum: float = 0.9) -> None:
-        super().__init__(drop_fraction, decay)
-        self.beta = check_number(momentum, "momentum", low=0.0, high=1.0)
-        self.momentum: list[torch.Tensor] | None = None
+    drop_fraction: float = 0.5
+    decay: str | Callable[[float], float] = "cosine"
+    momentum: float = 0.9
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.momentum = check_number(self.momentum, "momentum", low=0.0, high=1.0)
+        self.gradient_momentum: list[torch.Tensor] | None = None  # `M`, one per sparse tensor
         self._accumulated_step = 0  # the last step whose gradient the momentum holds
 
     def needs_dense_gradient(self, step: int) -> bool:
@@ -59,19 +63,20 @@ class SNFS(DropAndGrow):
             return  # (the second case: a retry of a step whose update failed; its gradient is in already)
         gradients = self.dense_gradients()
         self._accumulated_step = step
-        if self.momentum is None:
-            self.momentum = gradients
+        if self.gradient_momentum is None:
+            self.gradient_momentum = gradients
             return
-        for momentum, gradient in zip(self.momentum, gradients):
-            momentum.mul_(self.beta).add_(gradient)
+        for momentum, gradient in zip(self.gradient_momentum, gradients):
+            momentum.mul_(self.momentum).add_(gradient)
 
     def momentum_shares(self) -> list[float]:
         """Each layer's mean momentum magnitude over its active weights (0 where it is not finite)."""
-        shares = [float(m.abs()[t.mask].mean()) if t.active() else 0.0 for m, t in zip(self.momentum, self.targets)]
+        shares = [float(m.abs()[t.mask].mean()) if t.active() else 0.0
+                  for m, t in zip(self.gradient_momentum, self.targets)]
         return [s if math.isfinite(s) else 0.0 for s in shares]
 
     def reparameterize(self) -> None:
-        if self.momentum is None:  # no step yet: nothing to rank by
+        if self.gradient_momentum is None:  # no step yet: nothing to rank by
             return
         super().reparameterize()
 
@@ -82,13 +87,13 @@ class SNFS(DropAndGrow):
         self._accumulated_step = accumulated
 
     def grow_scores(self, layer: int) -> torch.Tensor:
-        return self.targets[layer].scores(self.momentum[layer])
+        return self.targets[layer].scores(self.gradient_momentum[layer])
 
     def grow_counts(self, dropped: Sequence[int], rooms: Sequence[int]) -> list[int]:
         return apportion(sum(dropped), self.momentum_shares(), rooms)
 
     def state_dict(self) -> dict:
-        return {"momentum": None if self.momentum is None else [m.clone() for m in self.momentum]}
+        return {"momentum": None if self.gradient_momentum is None else [m.clone() for m in self.gradient_momentum]}
 
     def check_state(self, state: dict) -> None:
         momentum = state.get("momentum")
@@ -101,5 +106,5 @@ class SNFS(DropAndGrow):
 
     def load_state_dict(self, state: dict) -> None:
         momentum = state.get("momentum")
-        self.momentum = None if momentum is None else [
+        self.gradient_momentum = None if momentum is None else [
             m.to(device=t.mask.device, dtype=torch.float32) for m, t in zip(momentum, self.targets)]

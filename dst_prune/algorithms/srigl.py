@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -19,6 +20,7 @@ __all__ = ["SRigL"]
 
 
 @register_method("srigl")
+@dataclasses.dataclass(eq=False, kw_only=True)
 class SRigL(RigL):
     """SRigL: RigL with a constant fan-in per neuron and ablation of neurons with too few salient weights.
 
@@ -57,11 +59,13 @@ class SRigL(RigL):
         min_salient_weights: the fewest salient weights an active neuron may have, whatever its fan-in (1).
     """
 
-    def __init__(self, drop_fraction: float | None = None, decay: str | None = None, gamma_sal: float = 0.3,
-                 min_salient_weights: int = 1) -> None:
-        super().__init__(drop_fraction, decay)
-        self.gamma_sal = check_number(gamma_sal, "gamma_sal", low=0.0, high=1.0, high_open=False)
-        self.min_salient_weights = check_int(min_salient_weights, "min_salient_weights",
+    gamma_sal: float = 0.3
+    min_salient_weights: int = 1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.gamma_sal = check_number(self.gamma_sal, "gamma_sal", low=0.0, high=1.0, high_open=False)
+        self.min_salient_weights = check_int(self.min_salient_weights, "min_salient_weights",
                                              what="salient weights a neuron keeps to stay active")
         self.active_neurons: list[int] = []
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from .base import SparseAlgorithm
 from .registry import register_method
 
@@ -9,6 +11,7 @@ __all__ = ["Static"]
 
 
 @register_method("static")
+@dataclasses.dataclass(eq=False, kw_only=True)
 class Static(SparseAlgorithm):
     """A fixed sparse mask, chosen once by `apply` (`init`, `distribution`) and trained as is.
 

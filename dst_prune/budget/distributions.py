@@ -11,13 +11,15 @@ exact rational arithmetic so that the counts add up to the budget.
 - `erk` (Erdős–Rényi-Kernel; Evci et al. 2020, sec. 3): density proportional to
   `sum(shape) / prod(shape)`, the kernel dimensions of a convolution included.
 - `global`: no per-layer rule; the largest weights of the whole model are kept (see
-  `selection.global_top_k`), at least one per layer.
+  `_selection.global_top_k`), at least one per layer.
+- a callable of your own, `weight(shape) -> float`: each layer's density is proportional to its value
+  (uniform is `lambda shape: 1.0`; erk is `sum(shape) / prod(shape)`); values must be positive and finite.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from fractions import Fraction
 
 from ..errors import DSTError
@@ -74,14 +76,27 @@ def apportion(total: int, shares: Sequence[float], caps: Sequence[int]) -> list[
     return counts
 
 
-def _density_weight(shape: Sequence[int], distribution: str) -> float:
+Distribution = str | Callable[[tuple[int, ...]], float]
+
+
+def _density_weight(shape: Sequence[int], distribution: Distribution) -> float:
+    if callable(distribution):
+        try:
+            weight = distribution(tuple(shape))
+        except Exception as error:
+            raise DSTError(f"distribution={distribution!r} failed for a weight of shape {tuple(shape)} "
+                           f"({type(error).__name__}: {error}).") from None
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight < math.inf:
+            raise DSTError(f"distribution={distribution!r} returned {weight!r} for a weight of shape {tuple(shape)}; "
+                           f"it must return a positive, finite density weight.")
+        return float(weight)
     if distribution == "uniform" or len(shape) < 2:
         return 1.0
     dims = shape[:2] if distribution == "er" else shape
     return sum(dims) / math.prod(dims)
 
 
-def layer_shares(shapes: Sequence[Sequence[int]], distribution: str,
+def layer_shares(shapes: Sequence[Sequence[int]], distribution: Distribution,
                  sizes: Sequence[int] | None = None) -> list[float]:
     """Each layer's share of the non-zeros under a layer-wise distribution (density weight times size).
 
@@ -92,20 +107,20 @@ def layer_shares(shapes: Sequence[Sequence[int]], distribution: str,
     return [_density_weight(s, distribution) * n for s, n in zip(shapes, sizes)]
 
 
-def layer_budgets(shapes: Sequence[Sequence[int]], sparsity: float, distribution: str,
+def layer_budgets(shapes: Sequence[Sequence[int]], sparsity: float, distribution: Distribution,
                   sizes: Sequence[int] | None = None) -> list[int]:
     """The number of non-zeros of each layer.
 
     Args:
         shapes: the shape of each sparse tensor.
         sparsity: the global fraction of zeros over all of them, in [0, 1).
-        distribution: one of `LAYERWISE`.
+        distribution: one of `LAYERWISE`, or a callable `weight(shape)`.
         sizes: the number of groups of each layer, when the budget counts groups (structured sparsity).
 
     Returns:
         One count per layer, summing to exactly `round((1 - sparsity) * N)`.
     """
-    if distribution not in LAYERWISE:
+    if not callable(distribution) and distribution not in LAYERWISE:
         raise DSTError(f"distribution={distribution!r} is not layer-wise; valid choices: {', '.join(LAYERWISE)}.")
     sizes = sizes if sizes is not None else [math.prod(s) for s in shapes]
     return apportion(total_budget(sparsity, sum(sizes)), layer_shares(shapes, distribution, sizes), sizes)

@@ -30,16 +30,17 @@ def _scores(param: torch.Tensor, grouping: Grouping, init: str, seed: int, layer
     return torch.rand(grouping.group_shape, generator=generator)
 
 
-def _refuse_empty(specs: Sequence[TargetSpec], counts: Sequence[int], sparsity: float, distribution: str) -> None:
+def _refuse_empty(specs: Sequence[TargetSpec], counts: Sequence[int], sparsity: float, distribution: object) -> None:
     empty = [s.name for s, c in zip(specs, counts) if c == 0]
     if empty:
+        advice = "" if distribution == "erk" else "use distribution='erk' (denser small layers), "
         raise DSTError(f"sparsity={sparsity} with distribution={distribution!r} would leave {empty[0]} (and "
-                       f"{len(empty) - 1} more) with no active weight. Lower the sparsity, use "
-                       f"distribution='erk', or exclude {empty[0]!r}.")
+                       f"{len(empty) - 1} more) with no active weight. Lower the sparsity, {advice}or exclude "
+                       f"{empty[0]!r}.")
 
 
 def initial_masks(specs: Sequence[TargetSpec], params: Sequence[torch.Tensor], *, sparsity: float,
-                  final_sparsity: float, distribution: str, init: str, seed: int,
+                  final_sparsity: float, distribution: object, init: str, seed: int,
                   groupings: Sequence[Grouping] | None = None, algorithm: object = None) -> list[torch.Tensor]:
     """Bool masks with exactly `round((1 - sparsity) * N)` active groups in all (`N` groups; weights by default).
 

@@ -79,7 +79,7 @@ def build_state(*, targets: Sequence[SparseTarget], context: SparsityContext, al
         "budget": context.budget, "seed": config.seed,
         "step_count": context.step, "update_index": context.update_index,
         "schedule": context.schedule.state_dict(), "total_steps": config.total_steps,
-        "algorithm": algorithm.state_dict(),
+        "algorithm": algorithm.state_dict(), "hyperparameters": describe(algorithm.hyperparameter_values()),
         "masks": masks, "masks_digest": masks_digest(masks),
         "ever_active": [m.clone().cpu() for m in ever_active], "config": config.state_dict(),
         "history": list(history),
@@ -154,12 +154,11 @@ def _check_identity(state: Mapping, config: SparsityConfig, targets: Sequence[Sp
                        f"{name}={saved[name]!r}, or start a new run.")
 
 
-def _adjusted(state: Mapping, context: SparsityContext) -> list[str]:
+def _adjusted(state: Mapping, context: SparsityContext, algorithm: SparseAlgorithm) -> list[str]:
     """The adjustable fields whose saved values differ from the new ones (`dst_prune.config`, the resume rule)."""
-    saved = _saved_view(state)
     pairs = {"schedule": (state.get("schedule"), context.schedule.state_dict()),
              "total_steps": (state.get("total_steps"), context.config.total_steps),
-             "hyperparameters": (saved.get("hyperparameters"), describe(context.config.hyperparameters))}
+             "hyperparameters": (state.get("hyperparameters"), describe(algorithm.hyperparameter_values()))}
     return [name for name, (old, new) in pairs.items() if old is not None and old != new]
 
 
@@ -227,7 +226,7 @@ def check_state(state: object, *, targets: Sequence[SparseTarget], context: Spar
     masks = _checked_masks(state, targets, budget)
     return CheckedState(step=state["step_count"], update_index=state["update_index"], budget=budget,
                         algorithm=state["algorithm"], masks=masks, ever_active=ever_active, history=list(history),
-                        changed=_adjusted(state, context))
+                        changed=_adjusted(state, context, algorithm))
 
 
 def check_weights(model_state: Mapping, masks: Sequence[torch.Tensor] | None, targets: Sequence[SparseTarget]) -> None:

@@ -276,7 +276,7 @@ class DynamicSparsity:
             return self.context.schedule.state_dict()
         if name == "total_steps":
             return self.config.total_steps
-        return self.config.hyperparameters
+        return self.algorithm.hyperparameter_values()
 
     def _reset_outside_masks(self) -> None:
         """Zero weights, gradients and optimizer state outside the masks (after masks were replaced)."""

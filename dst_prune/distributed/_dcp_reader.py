@@ -17,8 +17,8 @@ import torch
 from torch.futures import Future
 
 from .._torch import set_nested_element
-from ._dcp_files import METADATA, verified_bytes, verify_file
 from ..errors import DSTError
+from ._dcp_files import METADATA, verified_bytes, verify_file
 
 __all__ = ["read_metadata", "verifying_reader", "weights_only_planner"]
 

@@ -32,12 +32,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..errors import DSTError
 from . import _dcp_files as dcp_files
 from ._dcp_agreement import agreed, gather_json, is_distributed, rank, refusing, world_size
 from ._dcp_files import checkpoint_folder, find_checkpoint
 from ._dcp_reader import read_metadata, verifying_reader, weights_only_planner
 from ._dcp_staging import check_against_masks, check_architecture, empty_like
-from ..errors import DSTError
 
 __all__ = ["CONTROLLER_FILE", "EXTRA_FILE", "controller_state", "find_checkpoint", "load", "load_unsharded", "save"]
 
