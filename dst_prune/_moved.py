@@ -24,8 +24,8 @@ MOVED = {
     "dst_prune.bits": "dst_prune._bits",
     "dst_prune.condensed": "dst_prune.exporting.condensed",
     "dst_prune.context": "dst_prune.algorithms.context",
-    "dst_prune.controller_state": "dst_prune.controller.state",
-    "dst_prune.copies": "dst_prune.controller.copies",
+    "dst_prune.controller_state": "dst_prune.controller._state",
+    "dst_prune.copies": "dst_prune.controller._copies",
     "dst_prune.distributed_checkpoint": "dst_prune.distributed.checkpoint",
     "dst_prune.distributions": "dst_prune.budget.distributions",
     "dst_prune.dsmodel": "dst_prune.compat.dsmodel",
@@ -41,8 +41,8 @@ MOVED = {
     "dst_prune.sharding": "dst_prune.distributed.fsdp",
     "dst_prune.shrink": "dst_prune.exporting.shrink",
     "dst_prune.sparse_target": "dst_prune._masking.target",
-    "dst_prune.sparsity": "dst_prune.controller.controller",
-    "dst_prune.stats": "dst_prune.reports.stats",
+    "dst_prune.sparsity": "dst_prune.controller",
+    "dst_prune.stats": "dst_prune.reports",
     "dst_prune.validation": "dst_prune._validation",
 }
 

@@ -1,4 +1,4 @@
-"""What the algorithms rank by, and the non-finite policy (DESIGN.md rule 11).
+"""What the algorithms rank by, and the non-finite policy (masking rule 11 (docs/design.md)).
 
 Policy: **a non-finite value (NaN, +inf or -inf) is the lowest score.** A NaN or infinite weight is
 the first to be dropped (and so is zeroed: the update heals it rather than spreading it); a NaN or

@@ -53,10 +53,12 @@ def apply(model: nn.Module, *, sparsity: float, method: str = "dsr", distributio
         sparsity: the fraction of zeros among the sparse parameters, in [0, 1). Exactly
             `round((1 - sparsity) * N)` weights stay active, for every distribution and every update
             (gradual methods start denser and reach it at their stop step).
-        method: the algorithm: one of `dst_prune.list_methods()`, or a `dst_prune.SparseAlgorithm` (a subclass, or
-            a fresh instance, e.g. of a method of your own; see `dst_prune.register_method`).
-        distribution: how the budget is split across layers: `uniform`, `er`, `erk` or `global` (the
-            largest weights of the whole model, at least one per layer).
+        method: the algorithm: one of `dst_prune.list_methods()` (`static`, `set`, `dsr`, `rigl`, `srigl`, `snfs`,
+            `gmp`, `granet`), or a `dst_prune.SparseAlgorithm` (a subclass, or a fresh instance, e.g. of a method
+            of your own; see `dst_prune.register_method`).
+        distribution: how the budget is split across layers: `uniform`, `er`, `erk`, `global` (the
+            largest weights of the whole model, at least one per layer), or a callable `weight(shape)` to
+            which each layer's density is proportional.
         include: `None` for the default layers; else exactly the parameters it matches (a regex for
             `re.fullmatch`, or a list of names or `.`-suffixes of names).
         exclude: parameters to keep dense, in the same forms.
@@ -70,9 +72,11 @@ def apply(model: nn.Module, *, sparsity: float, method: str = "dsr", distributio
         optimizer: its state is zeroed at pruned and regrown positions (also settable later as
             `controller.optimizer`); an accelerate-wrapped optimizer works.
         update_every: reallocate every this many optimizer steps (`controller.step()` calls).
-        total_steps: the length of training in optimizer steps; RigL, SNFS, GMP and GraNet need it.
+        total_steps: the length of training in optimizer steps; RigL, SRigL, SNFS, GMP and GraNet need it
+            (and any method whose drop fraction decays).
         stop_fraction: stop reallocating (and end decays and gradual pruning) at this fraction of
-            `total_steps`; default per method (RigL, GMP, GraNet 0.75; SNFS 1.0; others never stop).
+            `total_steps`; default per method (RigL, SRigL, GMP, GraNet 0.75; SNFS 1.0; others never stop;
+            the table in docs/algorithms/index.md is read from the registry).
         stop_step: the same as an absolute step; overrides `stop_fraction`.
         double_at: steps from which the reallocation period doubles (the DSR paper's recipes).
         seed: seeds every random draw (initial mask, growth), so all ranks and resumed runs agree.

@@ -104,7 +104,7 @@ def assert_unchanged(model: nn.Module, before: dict) -> None:
 
 
 def assert_invariants(dst: dst_prune.DynamicSparsity, optimizer: torch.optim.Optimizer | None = None) -> None:
-    """DESIGN.md's invariants: exact count, bool masks, zeros where masked in weights, grads and state."""
+    """the invariants of docs/design.md: exact count, bool masks, zeros where masked in weights, grads and state."""
     assert sum(t.active_groups() for t in dst.targets) == dst.budget
     for t in dst.targets:
         mask, orig = t.mask, t.orig

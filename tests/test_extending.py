@@ -187,3 +187,69 @@ def test_import_dst_prune_loads_torch_numpy_and_prettytable_only():
     assert result.returncode == 0, result.stderr
     added = set(result.stdout.split()) - set(sys.stdlib_module_names) - {"_decimal"}
     assert added <= {"dst_prune", "numpy", "prettytable", "wcwidth"}, f"import dst_prune also loads {added}"
+
+
+def test_a_gradient_method_is_one_attribute_and_its_dense_gradients_are_freed(own_registry):
+    import dataclasses
+
+    @dst_prune.register_method("abs_gradient")
+    @dataclasses.dataclass(eq=False, kw_only=True)
+    class AbsGradient(dst_prune.DropAndGrow):
+        grows_by = "gradient"
+        drop_fraction: float = 0.25
+
+    assert AbsGradient.defaults() == {"drop_fraction": 0.25, "decay": "constant"}
+    model = mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    dst = dst_prune.apply(model, sparsity=0.8, method="abs_gradient", optimizer=optimizer, update_every=4,
+                          dense_stem_and_head=False)
+    seen = []
+    real = dst.algorithm.exchange
+
+    def exchange(fraction):  # during the update the gradients are there, one per sparse tensor
+        seen.append([tuple(g.shape) for g in dst.algorithm.gradients])
+        grown_before = [t.mask.clone() for t in dst.targets]
+        real(fraction)
+        for target, gradient, before in zip(dst.targets, captured, grown_before):
+            grown = target.mask & ~before
+            if grown.any():  # grown where |dL/dW| was largest among the candidates
+                assert gradient.abs()[grown].min() >= gradient.abs()[~target.mask & ~before].max() - 1e-12
+
+    captured = []
+
+    def capture(fraction):
+        captured[:] = [g.clone() for g in dst.algorithm.gradients]
+        exchange(fraction)
+
+    dst.algorithm.exchange = capture
+    train(model, dst, optimizer, 8)
+    assert dst.update_index == 2 and seen == [[tuple(t.shape) for t in dst.targets]] * 2
+    assert dst.algorithm.gradients is None  # freed after the update
+    assert all(s.value is None for s in dst.dense_gradient_sinks)  # and nothing captured while not needed
+
+
+def test_decay_and_distribution_take_callables_and_refuse_bad_ones():
+    model = mlp()
+    dst = dst_prune.apply(model, sparsity=0.8, method="rigl", total_steps=40, update_every=4,
+                          dense_stem_and_head=False, decay=lambda progress: (1 - progress) ** 2,
+                          distribution=lambda shape: 1.0 / shape[1])
+    assert dst.budget == round(0.2 * dst.n_sparse)
+    densities = [t.active() / t.numel for t in dst.targets]
+    assert densities[0] > densities[1]  # 16 inputs: denser than 48 inputs
+    dst.context.step = 20
+    assert dst.algorithm.current_drop_fraction() == pytest.approx(0.3 * (1 - 20 / 30) ** 2)  # stop at 0.75 * 40
+    for bad, message in ((lambda p: 2.0, "returned 2.0"), (lambda p: "x", "returned 'x'")):
+        with pytest.raises(dst_prune.DSTError, match=message):
+            dst_prune.apply(mlp(), sparsity=0.8, method="rigl", total_steps=40, decay=bad)
+    with pytest.raises(dst_prune.DSTError, match="must return a positive, finite density weight"):
+        dst_prune.apply(mlp(), sparsity=0.8, distribution=lambda shape: 0.0)
+
+
+def test_a_method_declaring_defaults_the_old_way_still_gets_them_with_a_warning(own_registry):
+    @dst_prune.register_method("old_style")
+    class OldStyle(dst_prune.DropAndGrow):
+        default_decay = "cosine"
+
+    with pytest.warns(DeprecationWarning, match="default_decay is deprecated"):
+        algorithm = OldStyle()
+    assert algorithm.decay == "cosine"

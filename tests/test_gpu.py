@@ -98,7 +98,7 @@ def test_semi_structured_export_of_a_vit(two_four_device, dtype_name):
 
 
 def _train(model: nn.Module, device: torch.device, method: str, mode: str) -> None:
-    """16 steps with an update every 2, checking DESIGN.md's invariants after every step."""
+    """16 steps with an update every 2, checking the invariants of docs/design.md after every step."""
     x, y = (t.to(device) for t in small_cnn_batch(n=8))
     if mode == "channels-last":
         x = x.contiguous(memory_format=torch.channels_last)

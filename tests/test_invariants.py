@@ -1,4 +1,4 @@
-"""DESIGN.md's invariants after every update, for several models and optimizers, with reallocation every step."""
+"""The invariants of docs/design.md after every update, for several models and optimizers, reallocating every step."""
 
 from __future__ import annotations
 

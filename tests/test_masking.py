@@ -1,4 +1,4 @@
-"""The torch.nn.utils.prune rules of DESIGN.md: layout, in-place bool masks, deepcopy, parents that read weights."""
+"""The masking rules of docs/design.md: layout, in-place bool masks, deepcopy, parents that read weights."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Bad input and faults: non-finite values never break the exact count, and every refused or failed operation
-leaves model, masks, optimizer and controller exactly as they were (DESIGN.md rule 11)."""
+leaves model, masks, optimizer and controller exactly as they were (masking rule 11 (docs/design.md))."""
 
 from __future__ import annotations
 
@@ -236,3 +236,77 @@ def test_torchscript_of_the_export_works_as_the_refusal_advises():
     assert torch.equal(scripted(x), model(x))
     with pytest.raises(dst_prune.DSTError, match=r"torch.jit.script\(dst_prune.export\(model\)\)"):
         dst_prune.apply(torch.jit.script(SmallCNN()), sparsity=0.9)
+
+
+def test_a_method_whose_bind_fails_leaves_the_model_untouched_and_a_retry_works(monkeypatch):
+    torch.manual_seed(0)
+    model = SmallCNN()
+    before = snapshot(model)
+
+    def failing_bind(self, context):
+        raise RuntimeError("bind failed")
+
+    monkeypatch.setattr(dst_prune.algorithms.SET, "bind", failing_bind)
+    with pytest.raises(RuntimeError, match="bind failed"):
+        dst_prune.apply(model, sparsity=0.8, method="set")
+    assert_unchanged(model, before)  # the weights were not zeroed either
+    assert not dst_prune.is_sparse(model) and not model._load_state_dict_pre_hooks
+    monkeypatch.undo()
+    dst = dst_prune.apply(model, sparsity=0.8, method="set")  # not refused as "already sparse"
+    assert dst.budget == round(0.2 * dst.n_sparse)
+
+
+def test_masks_with_no_active_weight_are_refused_by_load_sparse_state_dict():
+    torch.manual_seed(0)
+    model = SmallCNN()
+    before = snapshot(model)
+    masks = {n: torch.zeros_like(p, dtype=torch.bool) for n, p in model.named_parameters() if n == "conv.weight"}
+    with pytest.raises(dst_prune.DSTError, match="no active weight at all"):
+        dst_prune.load_sparse_state_dict(model, model.state_dict(), masks=masks)
+    assert_unchanged(model, before)
+
+
+def test_a_failing_algorithm_load_changes_nothing_in_the_controller(monkeypatch):
+    model, optimizer, dst = build("dsr")
+    train(model, optimizer, dst, 3)
+    state = copy.deepcopy(dst.state_dict())
+    other_model, other_optimizer, other = build("dsr", seed=5)
+    before = full_state(other_model, other_optimizer, other), other.schedule, other.algorithm.threshold
+
+    def failing_load(self, saved):
+        self.threshold = -1.0  # halfway through its own load
+        raise RuntimeError("algorithm load failed")
+
+    monkeypatch.setattr(type(other.algorithm), "load_state_dict", failing_load)
+    with pytest.raises(RuntimeError, match="algorithm load failed"):
+        other.load_state_dict(state)
+    assert_same_state(full_state(other_model, other_optimizer, other), before[0])
+    assert other.schedule == before[1] and other.algorithm.threshold == before[2] and other.step_count == 0
+
+
+def test_metrics_that_raise_or_are_not_plain_values_undo_the_update(monkeypatch):
+    np = pytest.importorskip("numpy")
+    model, optimizer, dst = build("set")
+    train(model, optimizer, dst, 1)
+    for metrics, error in ((lambda self: 1 / 0, ZeroDivisionError),
+                           (lambda self: {"score": np.float64(0.5)}, dst_prune.DSTError)):
+        monkeypatch.setattr(type(dst.algorithm), "metrics", metrics)
+        backward(model, optimizer, 1)
+        optimizer.step()
+        before = full_state(model, optimizer, dst)
+        ever = [e.clone() for e in dst.ever_active]
+        with pytest.raises(error, match=r"numpy\.float64|division"):
+            dst.step()
+        assert_same_state(full_state(model, optimizer, dst), before)
+        assert all(torch.equal(a, b) for a, b in zip(ever, dst.ever_active))
+    monkeypatch.undo()
+    assert dst.step()  # and the same step then goes through
+    assert_invariants(dst, optimizer)
+
+
+def test_a_method_state_that_weights_only_cannot_read_is_refused_when_saving(monkeypatch):
+    np = pytest.importorskip("numpy")
+    _, _, dst = build("dsr")
+    monkeypatch.setattr(type(dst.algorithm), "state_dict", lambda self: {"threshold": np.float64(0.1)})
+    with pytest.raises(dst_prune.DSTError, match=r"method='dsr''s state_dict\(\) holds numpy.float64"):
+        dst.state_dict()

@@ -202,3 +202,44 @@ def test_controller_state_is_plain_values_and_tensors_loadable_with_weights_only
     torch.save(state, tmp_path / "dst.pt")
     loaded = torch.load(tmp_path / "dst.pt", weights_only=True)
     assert loaded["history"] == dst.history and loaded["update_index"] == dst.update_index
+
+
+@pytest.mark.parametrize(("field", "value"), [("seed", 8), ("distribution", "erk"), ("granularity", "kernel"),
+                                              ("sparsity", 0.7)])
+def test_resume_refuses_a_state_of_another_sparse_model_naming_the_field(field, value):
+    model, optimizer, dst = build(method="set")
+    train(model, optimizer, dst, 3)
+    state = copy.deepcopy(dst.state_dict())
+    torch.manual_seed(0)
+    other_model = SmallCNN()
+    other = dst_prune.apply(other_model, method="set", **{**APPLY, field: value})
+    before = snapshot(other_model), copy.deepcopy(other.state_dict())
+    saved = {"seed": 7, "distribution": "uniform", "granularity": "element", "sparsity": 0.8}[field]
+    with pytest.raises(dst_prune.DSTError, match=f"saved with {field}={saved!r}; this controller was applied with "
+                                                 f"{field}={value!r}"):
+        other.load_state_dict(state)
+    assert_unchanged(other_model, before[0])
+    assert other.state_dict()["masks_digest"] == before[1]["masks_digest"] and other.step_count == 0
+
+
+def test_resume_takes_the_new_schedule_and_hyperparameters_and_says_so(caplog):
+    model, optimizer, dst = build(method="rigl")
+    train(model, optimizer, dst, 4)
+    state = copy.deepcopy(dst.state_dict())
+    _, _, resumed = build(method="rigl", update_every=3, total_steps=20, drop_fraction=0.5)
+    with caplog.at_level("WARNING", logger="dst_prune.controller.controller"):
+        resumed.load_state_dict(state)
+    changed = " ".join(r.getMessage() for r in caplog.records)
+    assert "another schedule" in changed and "another total_steps" in changed and "another hyperparameters" in changed
+    assert resumed.step_count == 4 and resumed.schedule.update_every == 3 and resumed.total_steps == 20
+    assert resumed.algorithm.drop_fraction == 0.5 and resumed.schedule.stop_step == 15  # 0.75 * 20, not 0.75 * 10
+    assert [t.mask.sum() for t in resumed.targets] == [t.mask.sum() for t in dst.targets]
+
+
+def test_a_state_whose_budget_does_not_match_its_sparsity_is_refused():
+    _, _, half = build(method="set", sparsity=0.5)
+    state = copy.deepcopy(half.state_dict())
+    state["sparsity"] = 0.8  # relabelled: the masks still hold half the weights
+    _, _, dst = build(method="set")
+    with pytest.raises(dst_prune.DSTError, match=r"keeps .* active weights .* but sparsity=0\.8 keeps exactly"):
+        dst.load_state_dict(state)

@@ -1,4 +1,4 @@
-"""The dense gradient that growth criteria rank by (DESIGN rule 6 in `docs/design.md`).
+"""The dense gradient that growth criteria rank by (masking rule 6, docs/design.md).
 
 `weight_orig.grad` is already masked, so RigL, SNFS and GraNet read `dL/dW` from the recomputed
 `weight` instead: while capture is armed for a target, its `DSTMask` hook holds a `DenseGradient` sink and

@@ -46,7 +46,7 @@ class DSTMask(prune.BasePruningMethod):
     the hook itself never changes and nothing accumulates across updates.
 
     Attributes:
-        sink: where the dense gradient of the recomputed weight goes while a method needs it (DESIGN rule 6),
+        sink: where the dense gradient of the recomputed weight goes while a method needs it (masking rule 6),
             else None. A deep copy of the model (an EMA) gets its hooks without a sink: it never captures.
     """
 

@@ -1,6 +1,6 @@
 """The hot path: `weight = weight_orig * weight_mask`, recomputed before every forward.
 
-`weight_orig` is zero wherever the mask is (DESIGN.md rule 3: pruned weights are zeroed, regrown ones
+`weight_orig` is zero wherever the mask is (masking rule 3 (docs/design.md): pruned weights are zeroed, regrown ones
 start at zero, and the masked gradient keeps them there under any optimizer that maps a zero gradient
 and zero state to no change). So the product equals `weight_orig` itself, and `masked_weight` makes
 that true by construction rather than by trust: it masks `weight_orig` in place,

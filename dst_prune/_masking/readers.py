@@ -1,4 +1,4 @@
-"""Parents that read a child's sparse weight directly instead of calling the child (DESIGN.md rule 5).
+"""Parents that read a child's sparse weight directly instead of calling the child (masking rule 5 (docs/design.md)).
 
 `nn.MultiheadAttention` passes `out_proj.weight` straight into a functional call, torchvision's
 `ShiftedWindowAttention` reads `qkv.weight`/`proj.weight`, several timm attention blocks do the same.

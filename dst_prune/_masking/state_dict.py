@@ -1,4 +1,4 @@
-"""State-dict hooks of a sparse module: plain checkpoints (DESIGN rule 9 in `docs/design.md`).
+"""State-dict hooks of a sparse module: plain checkpoints (masking rule 9, docs/design.md).
 
 `model.state_dict()` holds `weight` (the masked `weight_orig`, zeros in place) and no mask, so it loads with
 `strict=True` into an untouched model; the masks travel in the controller's `state_dict()`. A sparse

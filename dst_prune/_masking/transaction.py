@@ -1,4 +1,4 @@
-"""Writes at flat positions of a tensor, and the undo log of an update (DESIGN rule 11 in `docs/design.md`).
+"""Writes at flat positions of a tensor, and the undo log of an update (masking rule 11, docs/design.md).
 
 Every mask change of an update is recorded as the old values at the positions it touched, so an update
 that fails or is interrupted halfway is put back exactly: memory in proportion to the positions changed

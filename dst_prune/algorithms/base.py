@@ -132,7 +132,7 @@ class SparseAlgorithm:
         return self.context.schedule.is_update_step(step)
 
     def needs_dense_gradient(self, step: int) -> bool:
-        """Whether the dense gradient of step `step` must be captured (DESIGN.md rule 6)."""
+        """Whether the dense gradient of step `step` must be captured (masking rule 6 (docs/design.md))."""
         return False
 
     def after_optimizer_step(self, step: int) -> None:

@@ -1,6 +1,6 @@
 """`SparsityContext`: what an algorithm sees of a sparse model, and the one place masks are changed.
 
-An algorithm ranks; the context does the bookkeeping of DESIGN rules 2, 3 and 7 (`docs/design.md`) for it:
+An algorithm ranks; the context does the bookkeeping of masking rules 2, 3 and 7 (docs/design.md) for it:
 masks are written in place, pruned weights are zeroed, regrown ones start at zero, and the gradient and
 every optimizer state tensor of the parameter's shape are zeroed at both. Every write goes through the
 target (`SparseTarget.write`, a sharded parameter's writes reach each rank's shard) and is recorded in

@@ -1,7 +1,7 @@
 """Constant fan-in bookkeeping for SRigL: neuron (row) views of a weight and the exact budget scheme.
 
 A layer with constant fan-in holds `n * k` active weights: `n` active neurons (output rows) with `k` active
-inputs each, every other neuron ablated (no active weight). DESIGN.md fixes the count of every layer
+inputs each, every other neuron ablated (no active weight). docs/design.md fixes the count of every layer
 exactly, so `n * k` must equal the layer's count. Two places need a scheme for that:
 
 - **At `apply`** the distribution's per-layer counts `c_l` (summing to exactly `round((1 - sparsity) * N)`)

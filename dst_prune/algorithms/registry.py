@@ -4,7 +4,7 @@
     class MyRigL(dst_prune.DropAndGrow):
         ...
 
-`apply(method="my_rigl", ...)` then builds it with the hyperparameters its `__init__` takes, and
+`apply(method="my_rigl", ...)` then builds it with its hyperparameters (its dataclass fields), and
 `apply(method=MyRigL(drop_fraction=0.2))` takes an instance directly.
 """
 
@@ -15,7 +15,7 @@ from collections.abc import Callable
 from ..errors import DSTError
 from .base import SparseAlgorithm
 
-__all__ = ["create_algorithm", "list_methods", "register_method"]
+__all__ = ["create_algorithm", "list_methods", "method_class", "register_method"]
 
 _METHODS: dict[str, type[SparseAlgorithm]] = {}
 
@@ -52,6 +52,17 @@ def list_methods() -> list[str]:
     return list(_METHODS)
 
 
+def method_class(name: str) -> type[SparseAlgorithm]:
+    """The class registered as `name`.
+
+    Raises:
+        DSTError: no method has that name (the message lists the valid ones).
+    """
+    if name not in _METHODS:
+        raise DSTError(f"method={name!r} is unknown; valid choices: {', '.join(list_methods())}.")
+    return _METHODS[name]
+
+
 def create_algorithm(method: object, hyperparameters: dict) -> SparseAlgorithm:
     """The algorithm for `method`: a registered name, a `SparseAlgorithm` subclass or a fresh instance."""
     if isinstance(method, SparseAlgorithm):
@@ -64,6 +75,6 @@ def create_algorithm(method: object, hyperparameters: dict) -> SparseAlgorithm:
         return method
     if isinstance(method, type) and issubclass(method, SparseAlgorithm):
         return method.create(**hyperparameters)
-    if not isinstance(method, str) or method not in _METHODS:
+    if not isinstance(method, str):
         raise DSTError(f"method={method!r} is unknown; valid choices: {', '.join(list_methods())}.")
-    return _METHODS[method].create(**hyperparameters)
+    return method_class(method).create(**hyperparameters)

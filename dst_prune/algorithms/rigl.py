@@ -20,7 +20,7 @@ class RigL(SET):
     (0.75), each layer drops `f(t) * active` weights with the smallest `|w|` and grows as many inactive
     connections with the largest `|dL/dW|`, initialised to zero, with `f(t) = alpha / 2 * (1 + cos(pi t /
     T_end))` (eq. 1, `alpha = drop_fraction = 0.3`). The dense gradient is captured only on the step
-    before each update (DESIGN.md rule 6) and averaged across ranks.
+    before each update (masking rule 6 (docs/design.md)) and averaged across ranks.
 
     Args:
         drop_fraction: `alpha`, the initial fraction of each layer's active weights replaced (0.3).

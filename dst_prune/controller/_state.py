@@ -27,7 +27,7 @@ from ..errors import DSTError
 from ..schedules import UpdateSchedule
 
 __all__ = ["STATE_FORMAT", "CheckedState", "MaskCountCheck", "build_state", "check_state", "check_weights",
-           "masks_digest"]
+           "masks_digest", "refuse_objects"]
 
 STATE_FORMAT = "dst_prune.DynamicSparsity/3"
 _OLD_FORMAT = "dst_prune.DynamicSparsity/2"  # masks in the model's state dict (torch prune's form)
@@ -84,28 +84,28 @@ def build_state(*, targets: Sequence[SparseTarget], context: SparsityContext, al
         "ever_active": [m.clone().cpu() for m in ever_active], "config": config.state_dict(),
         "history": list(history),
     }
-    _refuse_objects(state["algorithm"], f"method={algorithm.name!r}'s state_dict()")
-    _refuse_objects(state["history"], f"method={algorithm.name!r}'s metrics() (the history)")
+    refuse_objects(state["algorithm"], f"method={algorithm.name!r}'s state_dict()")
+    refuse_objects(state["history"], f"method={algorithm.name!r}'s metrics() (the history)")
     return state
 
 
 _PLAIN = (str, int, float, bool, type(None))
 
 
-def _refuse_objects(value: object, where: str, path: str = "") -> None:
+def refuse_objects(value: object, where: str, path: str = "") -> None:
     """Refuse anything `torch.load(weights_only=True)` could not read back (numpy scalars, objects)."""
     if type(value) in _PLAIN or isinstance(value, torch.Tensor):  # (exact types: a numpy float is a float)
         return
     if type(value) in (list, tuple):
         for i, item in enumerate(value):
-            _refuse_objects(item, where, f"{path}[{i}]")
+            refuse_objects(item, where, f"{path}[{i}]")
         return
     if type(value) is dict:
         for key, item in value.items():
             if type(key) not in _PLAIN:
                 raise DSTError(f"{where} has the key {key!r} ({type(key).__name__}) at {path or 'the top'}; a "
                                f"checkpoint holds only str/int/float/bool/None keys. Convert it.")
-            _refuse_objects(item, where, f"{path}[{key!r}]")
+            refuse_objects(item, where, f"{path}[{key!r}]")
         return
     raise DSTError(f"{where} holds {type(value).__module__}.{type(value).__qualname__} at {path or 'the top'}; a "
                    f"checkpoint holds only tensors and plain Python values (it is read with weights_only=True). "

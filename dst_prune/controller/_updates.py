@@ -19,6 +19,7 @@ from ..algorithms.context import SparsityContext
 from ..distributed.fsdp import Sharding
 from ..errors import DSTError
 from ._copies import ModelCopies
+from ._state import refuse_objects
 
 __all__ = ["Updates"]
 
@@ -119,6 +120,7 @@ class Updates:
             raise RuntimeError(f"dst_prune bug: {sum(active)} active weights after update {context.update_index} "
                                f"of {self.algorithm.name}, expected exactly {context.budget}")
         metrics = dict(self.algorithm.metrics())  # (a method's own code: may raise; nothing changed yet)
+        refuse_objects(metrics, f"method={self.algorithm.name!r}'s metrics()")
         packed = [pack_bits(t.mask) for t in self.targets]
         self.copies.sync()
         pruned, grown = context.take_changes()

@@ -59,7 +59,7 @@ def check_against_masks(model_state: dict, controller: dict, file: Path) -> None
     """Refuse weights that are non-zero outside the masks of `controller` (read from `file`), shard by shard.
 
     The weights of a sparse model are zero wherever its mask is, so a non-zero there means that the model's
-    files and the controller's are of different steps or runs (DESIGN.md rule 9: the masks travel apart).
+    files and the controller's are of different steps or runs (masking rule 9 (docs/design.md): the masks travel apart).
     """
     packed, names = controller.get("masks"), controller.get("targets")
     if packed is None:  # a controller state of the older format keeps its masks in the model: nothing to compare

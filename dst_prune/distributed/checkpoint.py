@@ -5,7 +5,7 @@
     state = distributed_checkpoint.load_unsharded(path, model)         # one process, for inference
 
 The model and the optimizer go through DCP's `get_state_dict`/`set_state_dict`, so each rank writes and reads
-its own shards (and DCP can reshard). The model's state dict is plain (DESIGN.md rule 9: `weight` with zeros in
+its own shards (and DCP can reshard). The model's state dict is plain (masking rule 9: `weight` with zeros in
 place, no masks). The controller's state (`dst.state_dict()`: full masks bit-packed, the same on every rank) is
 written once, by rank 0, as `dst_state.pt`; `extra` (JSON values) as `extra.json`.
 

@@ -24,7 +24,7 @@ def is_distributed() -> bool:
 
 
 def all_reduce_mean(tensors: Sequence[torch.Tensor]) -> None:
-    """Average each tensor in place across ranks (scores that masks depend on; DESIGN.md rule 8)."""
+    """Average each tensor in place across ranks (scores that masks depend on; masking rule 8 (docs/design.md))."""
     if not is_distributed():
         return
     world = dist.get_world_size()

@@ -1,6 +1,6 @@
 """Sparse parameters sharded by FSDP2 (`torch.distributed.fsdp.fully_shard`): masks sharded like their weights.
 
-Design (DESIGN.md rule 10; docs/fsdp.md):
+Design (masking rule 10 of docs/design.md; docs/fsdp.md):
 
 - **At rest, every rank keeps only its shard.** `fully_shard` turns `weight_orig` into a DTensor sharded
   over the mesh; the first time the controller sees that (`ShardedTarget.shard`, when the optimizer is
@@ -216,7 +216,7 @@ class MaskShardGradient:
     """Post-accumulate-grad hook of a sharded parameter: zero its gradient shard outside the mask shard.
 
     FSDP2 calls it after the reduce-scatter, so gradient clipping and the optimizer see the masked
-    gradient (DESIGN rule 7), as under DDP. A callable object that finds the mask on its module.
+    gradient (masking rule 7, docs/design.md), as under DDP. A callable object that finds the mask on its module.
     """
 
     def __init__(self, module: nn.Module, tensor_name: str) -> None:

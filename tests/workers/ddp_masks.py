@@ -3,7 +3,7 @@
     torchrun --standalone --nproc_per_node 2 tests/workers/ddp_masks.py OUT_DIR MODE[,MODE...]
 
 MODE: `dsr`, `rigl`, `srigl`, `snfs` (one seed, other data on each rank) or `per-rank-seed` (DSR with a seed per
-rank, which breaks DESIGN.md rule 8 on purpose: the negative control). The modes run one after the other in
+rank, which breaks masking rule 8 on purpose: the negative control). The modes run one after the other in
 one process group; each writes `rank<r>-<mode>.json`.
 """
 
