@@ -9,6 +9,7 @@ to another key (an LM head tied to the embedding) are taken from that key.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import replace
@@ -17,10 +18,11 @@ import torch
 from torch import nn
 
 from ._attach import attach_all, build_algorithm, check_model
-from ._bits import unpack_bits
+from ._bits import packed_length, unpack_bits
 from ._optimizer_state import require_optimizer
 from .config import SparsityConfig
 from .controller import DynamicSparsity
+from .controller._state import masks_digest
 from .errors import DSTError
 from .groups import groupings_for
 from .targets import find_targets
@@ -35,23 +37,54 @@ def _pairs(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k[:-5]: v for k, v in state_dict.items() if k.endswith("_mask") and k[:-5] + "_orig" in state_dict}
 
 
-def _masks_from(masks: MaskSource, state_dict: Mapping[str, torch.Tensor], shapes: dict[str, torch.Size]) \
-        -> dict[str, torch.Tensor]:
+def _controller_masks(state: Mapping, shapes: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
+    """The masks of a controller's `state_dict()`, after checking its names, lengths, bytes, digest and budget."""
+    names, packed = state.get("targets"), state.get("masks")
+    if not isinstance(names, list) or not isinstance(packed, (list, tuple)) or len(names) != len(packed):
+        raise DSTError(f"masks=: the controller state has {len(packed) if isinstance(packed, (list, tuple)) else 'no'} "
+                       f"masks for {len(names) if isinstance(names, list) else 'no'} sparse tensors; it is truncated "
+                       f"or not a DynamicSparsity.state_dict().")
+    unknown = [n for n in names if n not in shapes]
+    if unknown:
+        raise DSTError(f"masks=: the controller state names {unknown[0]}, which is not a parameter of the model. "
+                       f"Build the same architecture as the checkpoint's.")
+    for name, values in zip(names, packed):
+        length = packed_length(math.prod(shapes[name]))
+        if not isinstance(values, torch.Tensor) or values.dtype != torch.uint8 or values.dim() != 1 or \
+                values.numel() != length:
+            raise DSTError(f"masks=: the controller state's mask of {name} is not its {length} packed bytes; the "
+                           f"state is truncated or corrupted.")
+    if state.get("masks_digest") != masks_digest(packed):
+        raise DSTError("masks=: the controller state's masks do not match their digest (a flipped or mixed byte); "
+                       "the state is corrupted. Load another copy of it.")
+    masks = {n: unpack_bits(p, shapes[n]) for n, p in zip(names, packed)}
+    budget = state.get("budget")
+    active = sum(int(m.sum()) for m in masks.values())
+    if isinstance(budget, int) and state.get("granularity", "element") == "element" and active != budget:
+        raise DSTError(f"masks=: the controller state's masks hold {active} active weights but its budget is "
+                       f"{budget}; the state is corrupted.")
+    return masks
+
+
+def _nonzero_masks(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`masks="nonzero"`: the zeros of the weights dst_prune would make sparse (never biases, norms, embeddings)."""
+    candidates = {s.name for s in find_targets(model, dense_stem_and_head=False)}
+    return {k: v != 0 for k, v in state_dict.items()
+            if k in candidates and isinstance(v, torch.Tensor) and v.is_floating_point() and bool((v == 0).any())}
+
+
+def _masks_from(masks: MaskSource, model: nn.Module, state_dict: Mapping[str, torch.Tensor],
+                shapes: dict[str, torch.Size]) -> tuple[dict[str, torch.Tensor], bool]:
+    """The masks, and whether the weights must be zero outside them (not for torch prune's own pairs)."""
     pairs = _pairs(state_dict)
     if pairs:
-        return pairs
-    if isinstance(masks, dict) and "masks" in masks and "targets" in masks:  # a controller's state_dict()
-        names = masks["targets"]
-        unknown = [n for n in names if n not in shapes]
-        if unknown:
-            raise DSTError(f"masks=: the controller state names {unknown[0]}, which is not a parameter of the model. "
-                           f"Build the same architecture as the checkpoint's.")
-        return {n: unpack_bits(p, shapes[n]) for n, p in zip(names, masks["masks"])}
-    if masks == "nonzero":
-        zero_free = {k: v for k, v in state_dict.items() if k in shapes and v.is_floating_point()}
-        return {k: v != 0 for k, v in zero_free.items() if bool((v == 0).any())}
+        return pairs, False
+    if isinstance(masks, Mapping) and "masks" in masks and "targets" in masks:  # a controller's state_dict()
+        return _controller_masks(masks, shapes), True
+    if isinstance(masks, str) and masks == "nonzero":
+        return _nonzero_masks(model, state_dict), True
     if isinstance(masks, Mapping) and masks:
-        return dict(masks)
+        return dict(masks), True
     raise DSTError("state_dict is plain (no '<name>_orig'/'<name>_mask' pairs), so it does not say which weights are "
                    "masked: pass masks=dst.state_dict() (the controller state saved with it), masks=dst.masks(), or "
                    "masks='nonzero' to take its non-zero weights as the active ones. A dense state_dict loads with "
@@ -131,14 +164,19 @@ def load_sparse_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tens
     config = SparsityConfig(sparsity=0.0, granularity=granularity, update_every=update_every, total_steps=total_steps,
                             stop_step=stop_step, seed=seed, hyperparameters=hyperparameters, loaded=True)
     shapes = {k: v.shape for k, v in model.state_dict().items()}
-    found = _masks_from(masks, state_dict, shapes)
+    found, weights_fit_masks = _masks_from(masks, model, state_dict, shapes)
     for name, mask in found.items():
         if name not in shapes:
             raise DSTError(f"{name}: the checkpoint has a mask for it, but the model has no such parameter. Build the "
                            f"same architecture as the checkpoint's.")
-        if tuple(mask.shape) != tuple(shapes[name]):
-            raise DSTError(f"{name}: the checkpoint's mask has shape {tuple(mask.shape)}, the model's parameter "
-                           f"{tuple(shapes[name])}.")
+        if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(shapes[name]):
+            raise DSTError(f"{name}: the checkpoint's mask has shape {tuple(getattr(mask, 'shape', ()))}, the model's "
+                           f"parameter {tuple(shapes[name])}.")
+        weight = state_dict.get(name)
+        if weights_fit_masks and isinstance(weight, torch.Tensor) and weight.shape == mask.shape and \
+                bool(weight.detach().masked_select(~mask.to(device=weight.device, dtype=torch.bool)).any()):
+            raise DSTError(f"{name}: the state dict's weights are non-zero outside the mask given for it: the weights "
+                           f"and the masks are of different steps or runs. Pass the masks saved with these weights.")
     plain = complete_state_dict(model, _plain_keys(state_dict, set(found)))
     algorithm = build_algorithm(method, hyperparameters, config)
     specs = find_targets(model, include="|".join(map(re.escape, found)), dense_stem_and_head=False)

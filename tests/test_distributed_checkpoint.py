@@ -465,8 +465,8 @@ def test_a_killed_save_resumes_from_the_last_complete_checkpoint_bitwise(killed_
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name, message", [("refused_rank1_only", r"dst_state\.pt: state was saved by a run at "
-                                                                  r"sparsity=0\.8.*\(on rank 1 of 2\)"),
+@pytest.mark.parametrize("name, message", [("refused_rank1_only", r"dst_state\.pt: the controller state was saved "
+                                                                  r"with sparsity=0\.8.*\(on rank 1 of 2\)"),
                                            ("refused_rank1_shard", r"__1_0\.distcp differs from its SHA-256.*"
                                                                    r"\(on rank \d of 2\)"),
                                            ("refused_mixed_steps", r"weight: its weights in .* are non-zero outside "

@@ -310,3 +310,33 @@ def test_a_method_state_that_weights_only_cannot_read_is_refused_when_saving(mon
     monkeypatch.setattr(type(dst.algorithm), "state_dict", lambda self: {"threshold": np.float64(0.1)})
     with pytest.raises(dst_prune.DSTError, match=r"method='dsr''s state_dict\(\) holds numpy.float64"):
         dst.state_dict()
+
+
+def test_a_method_returning_scores_or_counts_of_the_wrong_form_is_named_and_undone(monkeypatch):
+    model, optimizer, dst = build("snfs")
+    train(model, optimizer, dst, 1)
+    cases = [("grow_scores", lambda self, layer: torch.zeros(3), r"grow_scores\(0\) for conv\.weight returned Tensor "
+                                                                 r"of shape \(3,\)"),
+             ("drop_scores", lambda self, layer: torch.ones(()), r"drop_scores\(0\) .* shape \(\)"),
+             ("grow_counts", lambda self, dropped, rooms: [0] * len(dropped), r"grow_counts\(dropped=\[.*\]\) returned "
+                                                                             r"\[0, 0, 0, 0\]; expected 4 integers")]
+    for name, replacement, message in cases:
+        monkeypatch.setattr(type(dst.algorithm), name, replacement)
+        backward(model, optimizer, 1)
+        optimizer.step()
+        before = full_state(model, optimizer, dst)
+        with pytest.raises(dst_prune.DSTError, match=message):
+            dst.step()
+        assert_same_state(full_state(model, optimizer, dst), before)
+        monkeypatch.undo()
+
+
+def test_a_saved_snfs_momentum_with_nan_loads_as_zero_there():
+    model, optimizer, dst = build("snfs")
+    train(model, optimizer, dst, 3)
+    state = copy.deepcopy(dst.state_dict())
+    state["algorithm"]["momentum"][0][0, 0, 0, 0] = float("nan")
+    _, _, other = build("snfs", seed=5)
+    other.load_state_dict(state)
+    momentum = other.algorithm.gradient_momentum
+    assert all(torch.isfinite(m).all() for m in momentum) and momentum[0][0, 0, 0, 0] == 0

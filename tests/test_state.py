@@ -243,3 +243,89 @@ def test_a_state_whose_budget_does_not_match_its_sparsity_is_refused():
     _, _, dst = build(method="set")
     with pytest.raises(dst_prune.DSTError, match=r"keeps .* active weights .* but sparsity=0\.8 keeps exactly"):
         dst.load_state_dict(state)
+
+
+def test_weights_loaded_before_their_masks_are_kept_whole_until_the_masks_come(tmp_path):
+    model, optimizer, dst = build(method="set")
+    train(model, optimizer, dst, 6)
+    weights, state = copy.deepcopy(model.state_dict()), copy.deepcopy(dst.state_dict())
+    x, _ = small_cnn_batch()
+    expected = model(x)
+
+    # model first, controller second (the documented "either order"): nothing is lost
+    fresh, _, fresh_dst = build(method="set", seed=3)
+    fresh.load_state_dict(weights)
+    assert torch.equal(fresh.state_dict()["conv.weight"], weights["conv.weight"])  # saved whole, not masked
+    fresh_dst.load_state_dict(state)
+    assert torch.equal(fresh(x), expected)
+
+    # the controller state forgotten: the forward, an update and remove refuse, and nothing is discarded
+    forgot, _, forgot_dst = build(method="set", seed=4)
+    forgot.load_state_dict(weights)
+    for call in (lambda: forgot(x), lambda: forgot_dst.reparameterize(), lambda: dst_prune.remove(forgot)):
+        with pytest.raises(dst_prune.DSTError, match="Nothing was discarded: load the matching controller state"):
+            call()
+    assert torch.equal(forgot.state_dict()["conv.weight"], weights["conv.weight"])
+    forgot_dst.load_state_dict(state)
+    assert torch.equal(forgot(x), expected)
+
+    # weights of another step than the controller state: refused naming the tensor, nothing changes
+    train(model, optimizer, dst, 4, start=6)
+    later = copy.deepcopy(model.state_dict())
+    mixed, _, mixed_dst = build(method="set", seed=5)
+    mixed.load_state_dict(later)
+    before = copy.deepcopy(mixed_dst.state_dict())
+    with pytest.raises(dst_prune.DSTError, match=r"non-zero outside the mask of this controller state"):
+        mixed_dst.load_state_dict(state)
+    assert mixed_dst.state_dict()["masks_digest"] == before["masks_digest"]
+    assert torch.equal(mixed.state_dict()["conv.weight"], later["conv.weight"])
+
+
+def test_load_sparse_state_dict_validates_the_controller_state_it_takes_masks_from():
+    model, optimizer, dst = build(method="set")
+    train(model, optimizer, dst, 4)
+    early = copy.deepcopy(dst.state_dict())
+    train(model, optimizer, dst, 6, start=4)
+    weights, state = copy.deepcopy(model.state_dict()), copy.deepcopy(dst.state_dict())
+
+    def corrupt_byte(s):
+        s["masks"][1][0] ^= 1
+
+    cases = {"another step": (lambda s: s.update(copy.deepcopy(early)), "non-zero outside the mask given for it"),
+             "flipped byte": (corrupt_byte, "do not match their digest"),
+             "one mask short": (lambda s: s["masks"].pop(), "masks for 4 sparse tensors"),
+             "not bytes": (lambda s: s["masks"].__setitem__(0, "x"), "is not its")}
+    for name, (corrupt, message) in cases.items():
+        torch.manual_seed(0)
+        fresh = SmallCNN()
+        before = snapshot(fresh)
+        bad = copy.deepcopy(state)
+        corrupt(bad)
+        with pytest.raises(dst_prune.DSTError, match=message):
+            dst_prune.load_sparse_state_dict(fresh, weights, masks=bad)
+        assert_unchanged(fresh, before), name
+    torch.manual_seed(0)
+    fresh = SmallCNN()
+    loaded = dst_prune.load_sparse_state_dict(fresh, weights, masks=state)
+    assert all(torch.equal(a.mask, b.mask) for a, b in zip(loaded.targets, dst.targets))
+
+
+def test_nonzero_masks_leave_embeddings_and_biases_dense():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(10, 8, padding_idx=0)  # its padding row is all zeros
+            self.fc = nn.Linear(8, 8)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, tokens):
+            return self.head(torch.relu(self.fc(self.embed(tokens).mean(1))))
+
+    torch.manual_seed(0)
+    trained = Net()
+    nn.init.zeros_(trained.fc.bias)
+    dst = dst_prune.apply(trained, sparsity=0.5, dense_stem_and_head=False, method="static")
+    weights = trained.state_dict()
+    loaded = dst_prune.load_sparse_state_dict(Net(), weights, masks="nonzero")
+    assert sorted(t.name for t in loaded.targets) == sorted(t.name for t in dst.targets) == ["fc.weight",
+                                                                                             "head.weight"]

@@ -20,6 +20,7 @@ from torch.nn.utils import prune
 
 from .._torch import register_load_state_dict_pre_hook, register_state_dict_hook
 from ..distributed.fsdp import refuse_fsdp1
+from ..errors import DSTError
 from ..groups import Grouping
 from ..targets import TargetSpec
 from .gradients import DenseGradient
@@ -48,6 +49,8 @@ class DSTMask(prune.BasePruningMethod):
     Attributes:
         sink: where the dense gradient of the recomputed weight goes while a method needs it (masking rule 6),
             else None. A deep copy of the model (an EMA) gets its hooks without a sink: it never captures.
+        unmatched: `weight_orig` holds weights outside the mask (loaded before the masks that go with them);
+            until such masks are loaded, nothing masks them away and the forward refuses.
     """
 
     PRUNING_TYPE = "unstructured"
@@ -56,6 +59,7 @@ class DSTMask(prune.BasePruningMethod):
         self._initial_mask = mask
         self._written: list = []  # what masked_weight last wrote (versions and pointers), to skip rewrites
         self.sink: DenseGradient | None = None
+        self.unmatched = False
 
     def __deepcopy__(self, memo: dict) -> DSTMask:
         copied = copy.copy(self)
@@ -73,10 +77,24 @@ class DSTMask(prune.BasePruningMethod):
         orig = getattr(module, self._tensor_name + "_orig")
         return torch.where(getattr(module, self._tensor_name + "_mask"), orig, 0)
 
+    def check_matched(self, module: nn.Module, what: str) -> None:
+        """Refuse (`DSTError`) while `weight_orig` holds weights outside its mask that no loaded mask explains yet."""
+        if not self.unmatched:
+            return
+        orig, mask = module._parameters[self._tensor_name + "_orig"], module._buffers[self._tensor_name + "_mask"]
+        if orig.shape == mask.shape and bool(orig.detach().masked_select(~mask).any()):
+            raise DSTError(f"{type(module).__name__}.{self._tensor_name}: {what} refused: its weights were loaded "
+                           f"with non-zero values outside its mask (a state dict of another step or run, without "
+                           f"the controller state that goes with it). Nothing was discarded: load the matching "
+                           f"controller state with dst.load_state_dict(...), or build a fresh model with "
+                           f"dst_prune.load_sparse_state_dict(model, state_dict, masks=...).")
+        self.unmatched = False  # the masks loaded since fit the weights
+
     def __call__(self, module: nn.Module, inputs: object) -> None:
         """Recompute `weight = weight_orig * weight_mask` (and capture its dense gradient when armed)."""
         if not isinstance(module._parameters.get(self._tensor_name + "_orig"), nn.Parameter):
             refuse_fsdp1(module, self._tensor_name, f"{type(module).__name__}.{self._tensor_name}")  # FSDP1
+        self.check_matched(module, "the forward")
         weight = masked_weight(module, self._tensor_name, self._written)
         if self.sink is not None and weight.requires_grad:
             weight.register_hook(self.sink)
@@ -84,11 +102,15 @@ class DSTMask(prune.BasePruningMethod):
 
     def recompute(self, module: nn.Module) -> None:
         """Recompute the effective weight now, detached (after a mask or weight was written between forwards)."""
+        if self.unmatched:
+            return  # (nothing is masked away before matching masks are loaded)
         with torch.no_grad():
             setattr(module, self._tensor_name, masked_weight(module, self._tensor_name, self._written))
 
     def mask_orig(self, module: nn.Module) -> None:
         """Zero `weight_orig` outside the mask now, unless nothing changed since it last was (no attribute set)."""
+        if self.unmatched:
+            return  # (a state dict saved now keeps the loaded weights whole)
         with torch.no_grad():
             masked_weight(module, self._tensor_name, self._written)
 
@@ -97,6 +119,7 @@ class DSTMask(prune.BasePruningMethod):
 
         Unlike the base method it keeps the parameter's storage, so optimizer state stays attached.
         """
+        self.check_matched(module, "dst_prune.remove")
         name = self._tensor_name
         orig = module._parameters[name + "_orig"]
         with torch.no_grad():
@@ -157,6 +180,8 @@ def is_sparse(model: nn.Module) -> bool:
 def make_permanent(model: nn.Module) -> int:
     """Remove every dst_prune mask and hook, leaving plain parameters with the zeros in place."""
     removed = 0
+    for module, hook in list(mask_hooks(model)):
+        hook.check_matched(module, "dst_prune.remove")  # (before any hook is removed)
     for module, hook in list(mask_hooks(model)):
         prune.remove(module, hook._tensor_name)
         removed += 1

@@ -56,7 +56,13 @@ class PlainStateDict(DSTHook):
 
 
 class LoadEitherForm(DSTHook):
-    """Load pre-hook: accept a plain `<name>` (the masks stay) or torch prune's `<name>_orig` + `<name>_mask`."""
+    """Load pre-hook: accept a plain `<name>` (the masks stay) or torch prune's `<name>_orig` + `<name>_mask`.
+
+    A plain `<name>` with non-zero weights outside this model's mask (the weights of another step or run, loaded
+    before the controller state that goes with them) is loaded whole, and its `DSTMask` is marked `unmatched`:
+    nothing is masked away, and the forward, `dst.step()`, `state_dict()` masking and `remove` refuse until
+    masks that fit those weights are loaded (`dst.load_state_dict`).
+    """
 
     def __call__(self, module: nn.Module, state: dict, prefix: str, local_metadata: dict, strict: bool,
                  missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
@@ -64,6 +70,11 @@ class LoadEitherForm(DSTHook):
             plain, orig, mask = prefix + name, prefix + name + "_orig", prefix + name + "_mask"
             if plain in state and orig not in state:
                 state[orig] = state.pop(plain)
+                current = module._buffers[name + "_mask"]
+                value = state[orig]
+                if isinstance(value, torch.Tensor) and value.shape == current.shape and \
+                        bool(value.detach().to(current.device).masked_select(~current).any()):
+                    _mask_hook(module, name).unmatched = True
             if mask not in state and orig in state:
                 state[mask] = module._buffers[name + "_mask"]  # a plain state dict: keep this model's mask
 

@@ -127,17 +127,17 @@ class DropAndGrow(SparseAlgorithm):
         for layer, target in enumerate(self.targets):
             active = target.active_groups()
             drops.append(self.weakest_active(layer, min(int(fraction * active), active - 1),
-                                             self.drop_scores(layer)))
+                                             self._checked(self.drop_scores(layer), layer, "drop_scores")))
             rooms.append(target.n_groups - active + drops[-1].numel())
         dropped = [d.numel() for d in drops]
         redistributes = all(t.grouping.redistributes for t in self.targets)
-        counts = self.grow_counts(dropped, rooms) if redistributes else dropped
+        counts = self._checked_counts(self.grow_counts(dropped, rooms), dropped, rooms) if redistributes else dropped
         for layer, target in enumerate(self.targets):
             grouping, drop = target.grouping, drops[layer]
             candidates = target.group_mask().logical_not().reshape(-1).index_fill_(0, drop, True)
             scores = self.grow_scores(layer)
             if scores is not None:
-                scores = finite_scores(scores, target.name, "growth")
+                scores = finite_scores(self._checked(scores, layer, "grow_scores"), target.name, "growth")
             grow = grouping.regrow(candidates, counts[layer], self.generator(layer), scores=scores, dropped=drop)
             # A group dropped and drawn again keeps its weights: only the net changes are written.
             not_regrown = candidates.index_fill_(0, grow, False)  # (candidates is scratch from here on)
@@ -150,6 +150,26 @@ class DropAndGrow(SparseAlgorithm):
             else:
                 self.prune(layer, index_mask(pruned, grouping.group_shape, target.mask.device))
                 self.grow(layer, index_mask(grown, grouping.group_shape, target.mask.device))
+
+    def _checked(self, scores: object, layer: int, what: str) -> torch.Tensor:
+        """`scores` if it is one score per group of `layer` (a wrong shape would broadcast into wrong positions)."""
+        target = self.targets[layer]
+        shape = tuple(getattr(scores, "shape", ()))
+        if not isinstance(scores, torch.Tensor) or shape != tuple(target.grouping.group_shape):
+            raise DSTError(f"method={self.name!r}: {what}({layer}) for {target.name} returned "
+                           f"{type(scores).__name__} of shape {shape}; one score per group is expected, shape "
+                           f"{tuple(target.grouping.group_shape)} (target.scores(tensor) gives it).")
+        return scores
+
+    def _checked_counts(self, counts: object, dropped: Sequence[int], rooms: Sequence[int]) -> list[int]:
+        """`grow_counts`' result, if it regrows exactly what was dropped, within each layer's room."""
+        valid = isinstance(counts, (list, tuple)) and len(counts) == len(dropped) and all(
+            isinstance(c, int) and not isinstance(c, bool) and 0 <= c <= room for c, room in zip(counts, rooms))
+        if not valid or sum(counts) != sum(dropped):
+            raise DSTError(f"method={self.name!r}: grow_counts(dropped={list(dropped)}, rooms={list(rooms)}) returned "
+                           f"{counts!r}; expected {len(dropped)} integers, each between 0 and its layer's room, "
+                           f"summing to the {sum(dropped)} groups dropped.")
+        return list(counts)
 
     def _non_finite(self, layer: int, groups: torch.Tensor) -> torch.Tensor:
         """The flat group indices among `groups` of `layer` whose weights are not all finite."""

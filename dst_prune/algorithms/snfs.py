@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from .._scores import finite_gradient
 from .._validation import check_number
 from ..budget.distributions import apportion
 from ..errors import DSTError
@@ -106,5 +107,6 @@ class SNFS(DropAndGrow):
 
     def load_state_dict(self, state: dict) -> None:
         momentum = state.get("momentum")
-        self.gradient_momentum = None if momentum is None else [
-            m.to(device=t.mask.device, dtype=torch.float32) for m, t in zip(momentum, self.targets)]
+        self.gradient_momentum = None if momentum is None else [  # (non-finite entries count as zero, as when run)
+            finite_gradient(m.to(device=t.mask.device, dtype=torch.float32).clone(), t.name, "saved SNFS momentum")
+            for m, t in zip(momentum, self.targets)]

@@ -76,6 +76,8 @@ class Updates:
     def ensure_ready(self) -> None:
         """Refuse an update the masks cannot take: removed masks, or a count other than the budget."""
         self.sharding.sync(self.targets)
+        for target in self.targets:
+            target.hook.check_matched(target.module, "an update")
         self.algorithm.check_ready()
         detached = [t.name for t in self.targets if not t.attached]
         if detached:

@@ -248,6 +248,7 @@ class DynamicSparsity:
         """
         self._sharding.sync(self.targets)
         checked = check_state(state, targets=self.targets, context=self.context, algorithm=self.algorithm)
+        self._check_loaded_weights(checked.masks)
         snapshot = self.algorithm.snapshot()
         try:
             self.algorithm.load_state_dict(checked.algorithm)
@@ -263,6 +264,7 @@ class DynamicSparsity:
             with torch.no_grad():
                 for target, mask in zip(self.targets, checked.masks):
                     target.write_full_mask(mask)
+                    target.hook.unmatched = False  # (checked above: the loaded weights fit these masks)
             self._reset_outside_masks()
             self._sharding.loaded(self.targets, checked.masks)
         for mine, saved in zip(self.ever_active, checked.ever_active):
@@ -270,6 +272,17 @@ class DynamicSparsity:
         self.history[:] = checked.history
         self._arm_dense_gradients(context.step + 1)
         self._copies.sync()
+
+    def _check_loaded_weights(self, masks: list[torch.Tensor] | None) -> None:
+        """Weights loaded before their masks (marked `unmatched`) must fit the masks now loaded: else they are of
+        another step or run, and loading would zero trained weights."""
+        for target, mask in zip(self.targets, masks or []):
+            if target.hook.unmatched and not target.sharded:
+                weight = target.orig.detach()
+                if bool(weight.masked_select(~mask.to(weight.device)).any()):
+                    raise DSTError(f"{target.name}: the weights loaded into the model are non-zero outside the mask "
+                                   f"of this controller state: the model state and the controller state are of "
+                                   f"different steps or runs. Load the controller state saved with those weights.")
 
     def _describe(self, name: str) -> object:
         if name == "schedule":
