@@ -11,7 +11,22 @@ from torch import nn
 
 import dst_prune
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Tiny models run several times faster on one thread than on two on a busy machine; tests of large models ask
+# for more with @pytest.mark.threads(n) (capped by the cores there are).
+torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads(request):
+    marker = request.node.get_closest_marker("threads")
+    if marker is None:
+        yield
+        return
+    torch.set_num_threads(max(1, min(int(marker.args[0]), os.cpu_count() or 1)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(1)
 
 
 # --- tiny models ------------------------------------------------------------------------------

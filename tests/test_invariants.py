@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from conftest import AttentionNet, CharLSTM, SmallCNN, assert_invariants, small_cnn_batch
@@ -34,10 +36,35 @@ METHODS = {"dsr": {"pruning_threshold": 0.02}, "set": {}, "rigl": {"total_steps"
            "snfs": {"total_steps": 100}}
 
 
-@pytest.mark.parametrize("model_name", MODELS)
-@pytest.mark.parametrize("optimizer_name", OPTIMIZERS)
-@pytest.mark.parametrize("distribution", ["uniform", "erk", "global"])
-@pytest.mark.parametrize("method", METHODS)
+DISTRIBUTIONS = ["uniform", "erk", "global"]
+
+
+def pairwise(*factors: list) -> set[tuple]:
+    """A small set of combinations that holds every pair of values of every two factors (greedy covering)."""
+    grid = list(itertools.product(*factors))
+    missing = {(i, a, j, b) for i, j in itertools.combinations(range(len(factors)), 2)
+               for a in factors[i] for b in factors[j]}
+    chosen = set()
+    while missing:
+        best = max(grid, key=lambda c: sum((i, c[i], j, c[j]) in missing
+                                           for i, j in itertools.combinations(range(len(c)), 2)))
+        chosen.add(best)
+        missing -= {(i, best[i], j, best[j]) for i, j in itertools.combinations(range(len(best)), 2)}
+    return chosen
+
+
+FACTORS = [list(MODELS), list(OPTIMIZERS), DISTRIBUTIONS, list(METHODS)]
+PAIRWISE = pairwise(*FACTORS)
+GRID = [pytest.param(*case, marks=() if case in PAIRWISE else pytest.mark.slow) for case in itertools.product(*FACTORS)]
+
+
+def test_the_fast_set_covers_every_pair():
+    for i, j in itertools.combinations(range(len(FACTORS)), 2):
+        assert {(c[i], c[j]) for c in PAIRWISE} == set(itertools.product(FACTORS[i], FACTORS[j]))
+    assert len(PAIRWISE) < len(GRID) // 4
+
+
+@pytest.mark.parametrize(("model_name", "optimizer_name", "distribution", "method"), GRID)
 def test_invariants_after_every_update(model_name, optimizer_name, distribution, method):
     torch.manual_seed(0)
     factory, batch = MODELS[model_name]

@@ -18,6 +18,8 @@ from torch import nn
 
 import dst_prune
 
+pytestmark = pytest.mark.threads(2)  # torchvision/timm models of real size
+
 
 def image(size):
     return lambda: torch.randn(2, 3, size, size)

@@ -16,7 +16,7 @@ from .._masking.target import SparseTarget
 from .._masking.transaction import Transaction
 from ..algorithms.base import SparseAlgorithm
 from ..algorithms.context import SparsityContext
-from ..distributed.fsdp import Sharding
+from ..distributed.sharded import Sharding
 from ..errors import DSTError
 from ._copies import ModelCopies
 from ._state import refuse_objects

@@ -20,17 +20,18 @@ from .._bits import pack_bits
 from .._masking.gradients import arm, disarm
 from .._masking.masked_weight import zero_outside
 from .._masking.target import SparseTarget
-from .._optimizer_state import optimizer_state_like, require_optimizer, unwrap_optimizer
+from .._optimizer_state import require_optimizer
 from .._validation import check_int
 from ..algorithms.base import SparseAlgorithm
 from ..algorithms.context import SparsityContext
 from ..config import SparsityConfig
 from ..distributed.ddp import broadcast_masks, check_sync, ignore_masks_in_ddp
-from ..distributed.fsdp import Sharding
+from ..distributed.sharded import Sharding
 from ..errors import DSTError
 from ..reports.history import plot_history, save_history_csv
 from ..reports.tables import stats_table, sum_table
 from ._copies import ModelCopies
+from ._restore import restore
 from ._state import build_state, check_state, check_weights
 from ._updates import Updates
 
@@ -248,59 +249,11 @@ class DynamicSparsity:
         """
         self._sharding.sync(self.targets)
         checked = check_state(state, targets=self.targets, context=self.context, algorithm=self.algorithm)
-        self._check_loaded_weights(checked.masks)
-        snapshot = self.algorithm.snapshot()
-        try:
-            self.algorithm.load_state_dict(checked.algorithm)
-        except BaseException:
-            self.algorithm.restore(snapshot)
-            raise
-        for name in checked.changed:
-            logger.warning("dst_prune: the controller state was saved with another %s; this controller keeps "
-                           "its own (%s), from step %d on", name, self._describe(name), checked.step)
-        context = self.context
-        context.step, context.update_index, context.budget = checked.step, checked.update_index, checked.budget
-        if checked.masks is not None:
-            with torch.no_grad():
-                for target, mask in zip(self.targets, checked.masks):
-                    target.write_full_mask(mask)
-                    target.hook.unmatched = False  # (checked above: the loaded weights fit these masks)
-            self._reset_outside_masks()
-            self._sharding.loaded(self.targets, checked.masks)
-        for mine, saved in zip(self.ever_active, checked.ever_active):
-            mine.copy_(saved)
-        self.history[:] = checked.history
-        self._arm_dense_gradients(context.step + 1)
+        restore(checked, targets=self.targets, context=self.context, algorithm=self.algorithm,
+                ever_active=self.ever_active, history=self.history)
+        self._sharding.loaded(self.targets, checked.masks or [])
+        self._arm_dense_gradients(self.context.step + 1)
         self._copies.sync()
-
-    def _check_loaded_weights(self, masks: list[torch.Tensor] | None) -> None:
-        """Weights loaded before their masks (marked `unmatched`) must fit the masks now loaded: else they are of
-        another step or run, and loading would zero trained weights."""
-        for target, mask in zip(self.targets, masks or []):
-            if target.hook.unmatched and not target.sharded:
-                weight = target.orig.detach()
-                if bool(weight.masked_select(~mask.to(weight.device)).any()):
-                    raise DSTError(f"{target.name}: the weights loaded into the model are non-zero outside the mask "
-                                   f"of this controller state: the model state and the controller state are of "
-                                   f"different steps or runs. Load the controller state saved with those weights.")
-
-    def _describe(self, name: str) -> object:
-        if name == "schedule":
-            return self.context.schedule.state_dict()
-        if name == "total_steps":
-            return self.config.total_steps
-        return self.algorithm.hyperparameter_values()
-
-    def _reset_outside_masks(self) -> None:
-        """Zero weights, gradients and optimizer state outside the masks (after masks were replaced)."""
-        optimizer = unwrap_optimizer(self.optimizer)
-        with torch.no_grad():
-            for target in self.targets:
-                param = target.param
-                for tensor in (param, param.grad, *optimizer_state_like(optimizer, param)):
-                    if tensor is not None:
-                        zero_outside(target.local(tensor), target.buffer_mask)
-                target.refresh()
 
     # --- distributed -----------------------------------------------------------------------------------
     def prepare_for_ddp(self) -> None:
