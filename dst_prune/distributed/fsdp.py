@@ -40,7 +40,7 @@ import math
 
 import torch
 
-from .._torch import local_shape_and_offset
+from .._torch import is_flat_param_view, local_shape_and_offset
 from ..errors import DSTError
 
 __all__ = ["GatherScope", "ShardLayout", "is_dtensor", "local_tensor", "refuse_fsdp1", "refuse_sharded"]
@@ -190,13 +190,11 @@ def refuse_fsdp1(module: object, tensor_name: str, name: str) -> None:
     FSDP1 keeps a layer's weights as views of one flat parameter (`use_orig_params=True`) or as plain
     tensors outside `_parameters` (`use_orig_params=False`); neither can be masked in place.
     """
-
     key = tensor_name + "_orig"
     tensor = module._parameters.get(key)
     if tensor is None:
         tensor = module.__dict__.get(key)
-    base = getattr(tensor, "_base", None)
-    if getattr(base, "_is_flat_param", False) or getattr(tensor, "_is_flat_param", False):
+    if is_flat_param_view(tensor):
         raise DSTError(f"{name} is managed by FullyShardedDataParallel (FSDP1) as a view of a flat parameter, "
                        f"which cannot be masked in place. {FSDP1_FIX}")
 
