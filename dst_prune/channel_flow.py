@@ -65,6 +65,7 @@ class ChannelFlow:
         self._aliases: dict[fx.Node, fx.Node] = {}  # a tracked result that may share memory with its input -> input
         self._shapes: dict[fx.Node, fx.Node] = {}  # `x.shape` / `x.size()` -> x
         self._dims: dict[fx.Node, tuple[fx.Node, int]] = {}  # `x.size(d)` -> (x, d from the end)
+        self._unfollowed: dict[fx.Node, str] = {}  # untracked results computed from channels it could not follow
         for node in graph.nodes:
             self._visit(node)
         self._join_calls()
@@ -103,10 +104,24 @@ class ChannelFlow:
             for a in inputs:
                 self.pin(self._env[a].ids, REFUSE, f"{describe(node, self.modules)}: {why}")
             result = None
+            if inputs:
+                self._unfollowed[node] = describe(node, self.modules)
+        if result is None and node not in self._unfollowed:
+            origin = next((self._unfollowed[a] for a in args if a in self._unfollowed), None)
+            if origin is not None:
+                self._unfollowed[node] = origin
         if result is not None:
             self._env[node] = result
             if ops.makes_alias(node, self.modules):
                 self._aliases[node] = node.args[0]
+
+    def _tie_or_refuse(self, ids: list[int], other: fx.Node, why: str) -> None:
+        """Pin `ids`, which `why` mixes with the untracked tensor `other`: a tie, or a refusal where `other` was
+        computed from channels the walk could not follow (keeping them would hide that)."""
+        if other in self._unfollowed:
+            self.pin(ids, REFUSE, f"{why} (the result of {self._unfollowed[other]}, which shrink cannot follow)")
+        else:
+            self.pin(ids, TIE, f"{why} a tensor whose channels shrink does not track")
 
     def _read_elsewhere(self, node: fx.Node) -> bool:
         """Whether a write into `node` is seen by another operation: `node`, or a tensor it is a view of, has
@@ -220,10 +235,10 @@ class ChannelFlow:
             raise UnprovenError("it is called with arguments shrink does not follow")
         a, b = (self._env.get(v, v) if isinstance(v, fx.Node) else v for v in node.args)
         tracked = [v for v in (a, b) if isinstance(v, Tracked)]
-        if any(isinstance(v, fx.Node) for v in (a, b)):  # a tensor without tracked channels
+        other = next((v for v in (a, b) if isinstance(v, fx.Node)), None)
+        if other is not None:  # a tensor without tracked channels
             for t in tracked:
-                self.pin(t.ids, TIE, f"{describe(node, self.modules)} combines them with a tensor whose channels "
-                                     f"shrink does not track")
+                self._tie_or_refuse(t.ids, other, f"{describe(node, self.modules)} combines them with")
             return None
         values = [v.values if isinstance(v, Tracked) else v for v in (a, b)]
         function = ops.OUT_OF_PLACE.get(node.target, node.target) if node.op == "call_function" else \
@@ -243,8 +258,11 @@ class ChannelFlow:
         parts = [self._env.get(t) if isinstance(t, fx.Node) else None for t in tensors]
         why = describe(node, self.modules)
         if None in parts:
+            other = next((t for t, p in zip(tensors, parts) if p is None and isinstance(t, fx.Node)), None)
             for part in (p for p in parts if p is not None):
-                self.pin(part.ids, TIE, f"{why} joins them with a tensor whose channels shrink does not track")
+                if other is None:
+                    raise UnprovenError("it joins them with a value that is not a tensor")
+                self._tie_or_refuse(part.ids, other, f"{why} joins them with")
             return None
         layout = parts[0].layout
         for part in parts[1:]:
@@ -271,13 +289,16 @@ class ChannelFlow:
     def _module(self, node: fx.Node, inputs: list[fx.Node]) -> Tracked | None:
         name, module = node.target, self.modules[node.target]
         x = self._env.get(node.args[0]) if node.args and isinstance(node.args[0], fx.Node) else None
+        kind = type(module)
+        known = (nn.Linear, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d, nn.Flatten, *ops.ELEMENTWISE, *ops.POOLS)
+        if inputs and kind not in known:
+            raise UnprovenError("shrink cannot prove that this layer keeps channels apart")
         if len(inputs) > (x is not None) or (x is not None and (len(node.args) > 1 or node.kwargs)):
             raise UnprovenError("it takes the channels with other arguments")
         if name in self.opaque:
             if inputs:
                 raise UnprovenError(self.opaque[name])
             return None
-        kind = type(module)
         if kind is nn.Linear or (kind is nn.Conv2d and module.groups == 1) or kind in (nn.BatchNorm1d, nn.BatchNorm2d):
             return self._rebuildable(node, name, module, x)
         if x is None:
@@ -288,11 +309,9 @@ class ChannelFlow:
             return replace(x, values=module(x.values.clone()))
         if kind is nn.Flatten:
             return replace(x, layout=x.layout.flatten(module.start_dim, module.end_dim))
-        if kind in ops.POOLS:
-            settings = {k: getattr(module, k) for k in ("output_size", "padding", "count_include_pad",
-                                                        "divisor_override", "return_indices") if hasattr(module, k)}
-            return self._pool(node, x, kind.__name__, settings)
-        raise UnprovenError("shrink cannot prove that this layer keeps channels apart")
+        settings = {k: getattr(module, k) for k in ("output_size", "padding", "count_include_pad", "divisor_override",
+                                                    "return_indices") if hasattr(module, k)}
+        return self._pool(node, x, kind.__name__, settings)
 
     def _rebuildable(self, node: fx.Node, name: str, module: nn.Module, x: Tracked | None) -> Tracked | None:
         """A Linear, Conv2d or BatchNorm call: recorded (a call that cannot be followed as untracked, so that the
@@ -332,10 +351,9 @@ class ChannelFlow:
             if not tracked:
                 continue
             if len(tracked) < len(calls):
-                other = next(c for c in calls if c.input is None)
+                other = next(c for c in calls if c.input is None).node.args[0]
                 for call in tracked:
-                    self.pin(call.input.ids, TIE, f"{name} is also called on {other.node.args[0]}, whose channels "
-                                                  f"shrink cannot remove")
+                    self._tie_or_refuse(call.input.ids, other, f"{name} is also called on")
                 continue
             first = tracked[0]
             width = len(first.input.ids) * first.span

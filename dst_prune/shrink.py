@@ -73,17 +73,17 @@ def _decide(flow: ChannelFlow, modules: dict[str, nn.Module],
             continue
         pins = [pin for i in ids for pin in flow.pins.get(i, ())]
         active = sorted({flow.owner[i][0] for i in ids if not flow.is_pruned[i]})
-        refusals = [why for kind, why in pins if kind == REFUSE]
+        keeping = [pin for pin in pins if pin[0] != REFUSE]
         if active:  # tied to channels that stay: kept, whatever else reads them
-            tie = next(flow.ties[i] for i in gone if i in flow.ties)
+            tie = next((flow.ties[i] for i in gone if i in flow.ties), "an operation")
             level, why = logging.WARNING, f"{tie} ties them to channels of {', '.join(active[:3])} that stay active"
-        elif refusals:  # removable but for an operation that cannot be followed
+        elif keeping:  # kept anyway: what reads them sees them unchanged
+            level = logging.WARNING if keeping[0][0] == TIE else logging.INFO
+            why = keeping[0][1]
+        elif pins:  # removable but for an operation that cannot be followed
             for i in gone:
-                refused[flow.owner[i][0], refusals[0]] += 1
+                refused[flow.owner[i][0], pins[0][1]] += 1
             continue
-        elif pins:
-            level = logging.WARNING if pins[0][0] == TIE else logging.INFO
-            why = pins[0][1]
         else:
             removable.add(root)
             continue
