@@ -95,6 +95,7 @@ class ChannelFlow:
             if not (op_name(node) == "getitem" and node.args[0] is shape and isinstance(node.args[1], int)):
                 self.pin(self._env[self._shapes[shape]].ids, REFUSE,
                          f"{describe(node, self.modules)}: it reads the whole shape, channels included")
+                self._unfollowed[node] = describe(node, self.modules)
         try:
             first = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
             if first in self._env and ops.in_place(node, self.modules) and self._read_elsewhere(first):
@@ -226,6 +227,7 @@ class ChannelFlow:
                 raise UnprovenError("it reads the number of channels, which shrink changes")
         except UnprovenError as why:
             self.pin(self._env[source].ids, REFUSE, f"{describe(node, self.modules)}: {why}")
+            self._unfollowed[node] = describe(node, self.modules)
             return None
         self._dims[node] = (source, relative)
         return None

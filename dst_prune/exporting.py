@@ -8,17 +8,18 @@
   `torch.sparse.to_sparse_semi_structured` (2:4 masks, from `granularity="2:4"`), which NVIDIA GPUs of
   compute capability 8.0+ multiply with sparse tensor cores, in float16 or bfloat16; a sparse `Conv1D`
   becomes an `nn.Linear` with its transposed weight, converted the same way.
-
-`csr` and `semi_structured` leave every other sparse tensor dense (a convolution, a weight a parent reads
-directly) and log a warning that lists them; with nothing to convert they refuse.
 - `condensed`: as `dense`, with each sparse `nn.Linear` and 1x1 `nn.Conv2d` of constant fan-in (every
   active row has the same number of active inputs: `method="srigl"`, `granularity="n:m"`) replaced by a
   `CondensedLinear` (`dst_prune.condensed`): the kept rows' input indices and weights as dense arrays;
   ablated rows (no active input) output their bias. Other layers stay dense (logged at INFO).
 - `shrink`: as `dense`, physically smaller: output channels without an active weight (`granularity=
   "channel"`, ablated neurons) are removed with the inputs and BatchNorm channels that consume them, their
-  constant output folded into the consumer (`dst_prune.shrink`). MLPs and plain CNNs; the head's outputs
-  are kept; a layer whose channels reach a residual addition or anything else it cannot follow is refused.
+  constant output folded into the consumer (`dst_prune.shrink`), wherever the channel analysis of the traced
+  graph proves the result the same (`dst_prune.channel_flow`); channels tied to ones that stay are kept
+  (logged), channels reaching an operation it cannot follow refuse the export by layer.
+
+`csr` and `semi_structured` leave every other sparse tensor dense (a convolution, a weight a parent reads
+directly) and log a warning that lists them; with nothing to convert they refuse.
 
 The model given is left as it is (still sparse, still trainable); the export is a deep copy in eval mode.
 """

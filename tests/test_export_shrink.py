@@ -170,6 +170,26 @@ def test_residual_models_shrink_inside_blocks_and_keep_the_residual_stream(famil
     torch.testing.assert_close(exported(x), model.eval()(x), rtol=1e-4, atol=1e-5)
 
 
+ARCHITECTURES = {  # concatenations of branches (SqueezeNet, GoogLeNet, DenseNet), permute + Linear + layer scale
+    "squeezenet1_0": lambda: torchvision.models.squeezenet1_0(num_classes=10),
+    "googlenet": lambda: torchvision.models.googlenet(num_classes=10, aux_logits=False, init_weights=True),
+    "densenet121": lambda: torchvision.models.densenet121(num_classes=10),
+    "convnext_atto": lambda: timm.create_model("convnext_atto", num_classes=10, ls_init_value=1.0),
+}
+
+
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_real_architectures_shrink_exactly(name):
+    torch.manual_seed(0)
+    model = like_trained(ARCHITECTURES[name]())
+    dst_prune.apply(model, sparsity=0.5, granularity="channel")
+    exported = dst_prune.export(model, format="shrink")
+    assert sum(p.numel() for p in exported.parameters()) < 0.6 * sum(p.numel() for p in model.parameters())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(exported(x), model.eval()(x), rtol=1e-4, atol=1e-5)
+
+
 class TwoProducers(nn.Module):
     """One Linear (`shared`) called on the outputs of two producers, `a` and `b`: weight sharing."""
 
@@ -281,10 +301,61 @@ def test_other_refusals():
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.b(self.a(x)) if x.sum() > 0 else self.b(x)
 
+    for model, layer, operation in [
+            (torchvision.models.mobilenet_v2(num_classes=10, width_mult=0.35), r"features\.2\.conv\.0\.0",
+             r"features\.2\.conv\.1\.0 \(Conv2d\): a grouped convolution \(groups=48\)"),
+            (timm.create_model("vit_tiny_patch16_224", img_size=32, num_classes=10, depth=2), r"blocks\.0\.attn\.qkv",
+             r"method reshape \('reshape'\): it reshapes the channels")]:
+        dst_prune.apply(model, sparsity=0.5, granularity="channel")
+        before = snapshot(model)
+        with pytest.raises(dst_prune.DSTError, match=rf"cannot remove the pruned channels of: (.*; )?{layer} \(\d+ "
+                                                     rf"pruned channels\) reaches {operation}"):
+            dst_prune.export(model, format="shrink")
+        assert_unchanged(model, before)
+
     branching = Branching()
     dst_prune.apply(branching, sparsity=0.5, granularity="channel", dense_stem_and_head=False)
     with pytest.raises(dst_prune.DSTError, match=r"traces the model with torch\.fx .* tracing Branching failed"):
         dst_prune.export(branching, format="shrink")
+
+
+class Unfollowable(nn.Module):
+    """`fc` feeds `head` through one operation that shrink cannot follow."""
+
+    def __init__(self, operation: str) -> None:
+        super().__init__()
+        self.operation = operation
+        self.fc = nn.Linear(8, 16)
+        self.norm = nn.LayerNorm(16)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.fc(x)
+        if self.operation == "channels read":
+            y = y * y.size(-1)
+        elif self.operation == "layer norm":
+            y = self.norm(y)
+        elif self.operation == "reshape":
+            y = y.reshape(-1, 4, 4).transpose(1, 2).reshape(-1, 16)
+        else:  # an in-place write into a tensor that is read again
+            y = y + F.relu(y, inplace=True)
+        return self.head(y)
+
+
+@pytest.mark.parametrize("operation, reason", [
+    ("channels read", r"method size \('size'\): it reads the number of channels"),
+    ("layer norm", r"norm \(LayerNorm\): shrink cannot prove that this layer keeps channels apart"),
+    ("reshape", r"method reshape \('reshape'\): it reshapes the channels"),
+    ("in-place write", r"function relu \('relu'\): it writes in place into 'fc', which other operations read")])
+def test_operations_shrink_cannot_follow_are_refused_by_layer(operation, reason):
+    torch.manual_seed(0)
+    model = Unfollowable(operation)
+    dst_prune.apply(model, sparsity=0.5, granularity="channel")
+    before = snapshot(model)
+    with pytest.raises(dst_prune.DSTError, match=rf"cannot remove the pruned channels of: fc \(8 pruned channels\) "
+                                                 rf"reaches {reason}"):
+        dst_prune.export(model, format="shrink")
+    assert_unchanged(model, before)
 
 
 @pytest.mark.slow
