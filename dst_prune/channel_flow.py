@@ -18,6 +18,9 @@ id in it is a pruned channel. Every other use pins the ids it reads, with a kind
   it does not track, a layer also called on such a tensor, calls whose constants differ);
 - `OUTPUT`: the model's outputs, which are never changed;
 - `BORDER`: a padded average pool, through which only a zero constant stays constant.
+
+A tensor computed from channels the walk could not follow is remembered as such, so that an addition of
+tracked channels to it refuses too, instead of hiding the cause behind a tie.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import torch
 from torch import fx, nn
 
 from . import channel_ops as ops
+from .channel_classes import ChannelClasses
 from .channel_layers import changes_constants, consumed, normalized, pooled, produced
 from .channel_layout import Layout, UnprovenError
 from .channel_ops import BORDER, OUTPUT, REFUSE, TIE, Call, Tracked, arguments, describe, nodes, op_name
@@ -35,14 +39,11 @@ from .channel_ops import BORDER, OUTPUT, REFUSE, TIE, Call, Tracked, arguments, 
 __all__ = ["ChannelFlow"]
 
 
-class ChannelFlow:
-    """The channels of every Linear/Conv2d of a traced graph: their classes, pins and the layers' calls.
+class ChannelFlow(ChannelClasses):
+    """The channels of every Linear/Conv2d of a traced graph: their classes, pins and the layers' calls
+    (`ChannelClasses`), found by walking the graph once.
 
     Attributes:
-        parent: the union-find over channel ids (`find` gives a class's root).
-        owner / is_pruned: per id, `(layer, channel)` and whether it has no active weight.
-        pins: per id, `[(kind, why)]`; ties: per id, the operation that first joined it to another.
-        producers: per layer, its output ids; calls: per rebuildable layer, its calls.
         opaque: layers that cannot be rebuilt, with why.
 
     Args:
@@ -52,40 +53,15 @@ class ChannelFlow:
     """
 
     def __init__(self, graph: fx.Graph, modules: dict[str, nn.Module], pruned: dict[str, torch.Tensor]) -> None:
-        self.modules, self.pruned = modules, pruned
-        self.parent: list[int] = []
-        self.owner: list[tuple[str, int]] = []
-        self.is_pruned: list[bool] = []
-        self.pins: dict[int, list[tuple[str, str]]] = {}
-        self.ties: dict[int, str] = {}
-        self.producers: dict[str, list[int]] = {}
-        self.calls: dict[str, list[Call]] = {}
+        super().__init__(modules, pruned)
         self.opaque = ops.opaque_layers(graph, modules)
         self._env: dict[fx.Node, Tracked] = {}
         self._aliases: dict[fx.Node, fx.Node] = {}  # a tracked result that may share memory with its input -> input
         self._shapes: dict[fx.Node, fx.Node] = {}  # `x.shape` / `x.size()` -> x
         self._dims: dict[fx.Node, tuple[fx.Node, int]] = {}  # `x.size(d)` -> (x, d from the end)
-        self._unfollowed: dict[fx.Node, str] = {}  # untracked results computed from channels it could not follow
         for node in graph.nodes:
             self._visit(node)
-        self._join_calls()
-
-    def find(self, i: int) -> int:
-        while self.parent[i] != i:
-            self.parent[i] = self.parent[self.parent[i]]
-            i = self.parent[i]
-        return i
-
-    def _union(self, a: int, b: int, why: str) -> None:
-        ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            self.parent[rb] = ra
-            self.ties.setdefault(a, why)
-            self.ties.setdefault(b, why)
-
-    def pin(self, ids: list[int], kind: str, why: str) -> None:
-        for i in ids:
-            self.pins.setdefault(i, []).append((kind, why))
+        self.join_calls()
 
     # --- the walk -----------------------------------------------------------------------------------
     def _visit(self, node: fx.Node) -> None:
@@ -115,14 +91,6 @@ class ChannelFlow:
             self._env[node] = result
             if ops.makes_alias(node, self.modules):
                 self._aliases[node] = node.args[0]
-
-    def _tie_or_refuse(self, ids: list[int], other: fx.Node, why: str) -> None:
-        """Pin `ids`, which `why` mixes with the untracked tensor `other`: a tie, or a refusal where `other` was
-        computed from channels the walk could not follow (keeping them would hide that)."""
-        if other in self._unfollowed:
-            self.pin(ids, REFUSE, f"{why} (the result of {self._unfollowed[other]}, which shrink cannot follow)")
-        else:
-            self.pin(ids, TIE, f"{why} a tensor whose channels shrink does not track")
 
     def _read_elsewhere(self, node: fx.Node) -> bool:
         """Whether a write into `node` is seen by another operation: `node`, or a tensor it is a view of, has
@@ -240,7 +208,7 @@ class ChannelFlow:
         other = next((v for v in (a, b) if isinstance(v, fx.Node)), None)
         if other is not None:  # a tensor without tracked channels
             for t in tracked:
-                self._tie_or_refuse(t.ids, other, f"{describe(node, self.modules)} combines them with")
+                self.tie_or_refuse(t.ids, other, f"{describe(node, self.modules)} combines them with")
             return None
         values = [v.values if isinstance(v, Tracked) else v for v in (a, b)]
         function = ops.OUT_OF_PLACE.get(node.target, node.target) if node.op == "call_function" else \
@@ -251,7 +219,7 @@ class ChannelFlow:
             raise UnprovenError(f"it combines {len(a.ids)} channels with {len(b.ids)}")
         layout = a.layout.merge(b.layout)
         for i, j in zip(a.ids, b.ids):
-            self._union(i, j, describe(node, self.modules))
+            self.union(i, j, describe(node, self.modules))
         return Tracked(a.ids, function(*values, **node.kwargs), layout)
 
     def _cat(self, node: fx.Node) -> Tracked | None:
@@ -264,7 +232,7 @@ class ChannelFlow:
             for part in (p for p in parts if p is not None):
                 if other is None:
                     raise UnprovenError("it joins them with a value that is not a tensor")
-                self._tie_or_refuse(part.ids, other, f"{why} joins them with")
+                self.tie_or_refuse(part.ids, other, f"{why} joins them with")
             return None
         layout = parts[0].layout
         for part in parts[1:]:
@@ -279,7 +247,7 @@ class ChannelFlow:
             raise UnprovenError("it joins tensors with different numbers of channels along another dimension")
         for part in parts[1:]:
             for i, j in zip(parts[0].ids, part.ids):
-                self._union(i, j, why)
+                self.union(i, j, why)
             differ = torch.nonzero(part.values != parts[0].values).flatten().tolist()
             self.pin([ids[k] for k in differ for ids in (parts[0].ids, part.ids)], TIE,
                      f"{why} joins constants that differ, which is not a constant")
@@ -328,14 +296,7 @@ class ChannelFlow:
         self.calls.setdefault(name, []).append(Call(node, x, span))
         if batchnorm:
             return out
-        if name not in self.producers:
-            flags = self.pruned.get(name, torch.zeros(module.weight.shape[0], dtype=torch.bool)).tolist()
-            ids = list(range(len(self.parent), len(self.parent) + len(flags)))
-            self.parent += ids
-            self.owner += [(name, k) for k in range(len(flags))]
-            self.is_pruned += flags
-            self.producers[name] = ids
-        return produced(module, self.producers[name], x)
+        return produced(module, self.channels_of(name, module.weight.shape[0]), x)
 
     def _pool(self, node: fx.Node, x: Tracked, kind: str, settings: dict) -> Tracked:
         out = pooled(x, settings)
@@ -344,29 +305,3 @@ class ChannelFlow:
                      f"{describe(node, self.modules)} averages over zero padding, which changes a non-zero constant "
                      f"at the borders")
         return out
-
-    def _join_calls(self) -> None:
-        """A layer called several times is rebuilt once: the positions of its input join across the calls, and a
-        Linear or Conv2d folds one set of constants, so where the calls' constants differ they stay."""
-        for name, calls in self.calls.items():
-            tracked = [c for c in calls if c.input is not None]
-            if not tracked:
-                continue
-            if len(tracked) < len(calls):
-                other = next(c for c in calls if c.input is None).node.args[0]
-                for call in tracked:
-                    self._tie_or_refuse(call.input.ids, other, f"{name} is also called on")
-                continue
-            first = tracked[0]
-            width = len(first.input.ids) * first.span
-            folds = not isinstance(self.modules[name], (nn.BatchNorm1d, nn.BatchNorm2d))
-            for call in tracked[1:]:
-                a, b = torch.arange(width) // first.span, torch.arange(width) // call.span
-                for i, j in dict.fromkeys(zip(a.tolist(), b.tolist())):
-                    self._union(first.input.ids[i], call.input.ids[j], f"{name}, called on both")
-                if folds:
-                    differ = torch.nonzero(first.input.values[a] != call.input.values[b]).flatten().tolist()
-                    pairs = {(first.input.ids[int(a[k])], call.input.ids[int(b[k])]) for k in differ}
-                    self.pin([i for pair in pairs for i in pair], TIE,
-                             f"{name} is called on several inputs whose pruned channels hold different constants, "
-                             f"and one bias cannot fold both")
