@@ -8,35 +8,29 @@ folded into the consumer: into the bias of a Linear or an unpadded conv, or, for
 (whose borders see less of the constant), into an `offset_weight` that `FoldedConv2d` applies to a
 plane of ones. The outputs stay the same up to floating-point rounding.
 
-The model is traced with `torch.fx` to find, for every layer with pruned channels, the chain that
-consumes them: `Linear`/`Conv2d` -> BatchNorm, activations, dropout, pools, flatten -> `Linear`/`Conv2d`
-(MLPs and plain CNNs). The model's outputs (the head) are never removed. A layer whose channels reach
-anything else (a residual addition, a concatenation, a reshape, a grouped conv) is refused by name.
+Which channels can go is decided on the model's `torch.fx` graph by `dst_prune.exporting._channel_flow`: a channel is
+removed only where every operation that reads it provably keeps channels apart, and every channel it meets
+(an addition, a concatenation, a layer called on several inputs) is removed too. Channels tied to ones
+that stay, or reaching the model's outputs, are kept (logged); channels that reach an operation the
+analysis cannot follow make the export fail with a `DSTError` naming the layer and the operation.
 """
 
 from __future__ import annotations
 
 import logging
-import operator
+from collections import Counter
 
 import torch
 from torch import fx, nn
 from torch.nn import functional as F
 
 from ..errors import DSTError
+from ._channel_flow import ChannelFlow
+from ._channel_ops import REFUSE, TIE
 
 __all__ = ["FoldedConv2d", "shrink"]
 
 logger = logging.getLogger(__name__)
-
-_ELEMENTWISE = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid,
-                nn.Tanh, nn.ELU, nn.Mish, nn.Softplus, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
-                nn.AlphaDropout)
-_POOLS = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
-_FUNCTIONS = {torch.relu, F.relu, F.relu6, F.gelu, F.silu, F.leaky_relu, F.hardswish, F.elu, F.dropout,
-              torch.sigmoid, torch.tanh, F.sigmoid, F.tanh}
-_POOL_FUNCTIONS = {F.max_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d}
-_METHODS = {"relu", "sigmoid", "tanh"}
 
 
 class FoldedConv2d(nn.Conv2d):
@@ -56,166 +50,103 @@ class FoldedConv2d(nn.Conv2d):
         return super().forward(x) + F.conv2d(ones, self.offset_weight, None, self.stride, self.padding, self.dilation)
 
 
-def _describe(node: fx.Node, modules: dict[str, nn.Module]) -> str:
-    if node.op == "call_module":
-        return f"{node.target} ({type(modules[node.target]).__name__})"
-    if node.op == "call_function" and node.target in (operator.add, torch.add, operator.iadd):
-        return f"the addition {node.name!r} (a residual connection)"
-    if node.op == "call_function" and node.target in (torch.cat, torch.concat):
-        return f"the concatenation {node.name!r}"
-    return f"{node.op} {getattr(node.target, '__name__', node.target)!s} ({node.name!r})"
+def _untracked(name: str, module: nn.Module, flow: ChannelFlow) -> str:
+    """Why a layer with pruned channels got no channel ids."""
+    if name in flow.opaque:
+        return flow.opaque[name]
+    if isinstance(module, nn.Conv2d) and module.groups != 1:
+        return f"it is a grouped convolution (groups={module.groups}), whose output channels are tied to its groups"
+    return "it is not called as a layer in the traced forward (a parent reads its weight)"
 
 
-def _constants(step: fx.Node, module: nn.Module | None, values: torch.Tensor,
-               spatial: bool) -> tuple[torch.Tensor, bool] | None:
-    """The per-channel constants after `step`, and whether a constant plane stays constant; None: unsupported.
-
-    `spatial`: the channels are dim 1 of an image batch (a conv's output), so pools, flatten and a mean over
-    dims 2 and 3 keep them apart; a Linear's features (last dim) only pass elementwise steps and BatchNorm1d.
-    """
-    values = values.clone()  # in-place activations must not write into a bias
-    if module is not None:
-        if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
-            if module.running_mean is None or isinstance(module, nn.BatchNorm2d) != spatial:
-                return None  # batch statistics in eval are not a per-channel map
-            out = (values - module.running_mean) / torch.sqrt(module.running_var + module.eps)
-            return (out * module.weight + module.bias if module.affine else out), True
-        if isinstance(module, _ELEMENTWISE):
-            return module(values), True
-        if isinstance(module, nn.Flatten) and spatial:
-            return (values, True) if module.start_dim == 1 else None
-        if isinstance(module, _POOLS) and spatial:
-            padded = isinstance(module, nn.AvgPool2d) and module.count_include_pad and module.padding not in (0, (0, 0))
-            return values, not padded
-        return None
-    rest = list(step.args[1:])
-    if any(isinstance(a, fx.Node) for a in [*rest, *step.kwargs.values()]):
-        return None
-    if step.op == "call_function" and step.target in _FUNCTIONS:
-        return step.target(values, *rest, **step.kwargs), True
-    if step.op == "call_method" and step.target in _METHODS and not rest:
-        return getattr(values, step.target)(), True
-    if not spatial:
-        return None
-    if step.op == "call_function" and step.target in _POOL_FUNCTIONS:
-        return values, True
-    if (step.op, step.target) in (("call_function", torch.flatten), ("call_method", "flatten")):
-        start = step.kwargs.get("start_dim", rest[0] if rest else 0)
-        return (values, True) if start == 1 and len(rest) < 2 and "end_dim" not in step.kwargs else None
-    dims = step.kwargs.get("dim", rest[0] if rest else None)
-    if (step.op, step.target) in (("call_function", torch.mean), ("call_method", "mean")) and \
-            isinstance(dims, (tuple, list)) and sorted(d % 4 for d in dims) == [2, 3]:
-        return values, True
-    return None
+def _decide(flow: ChannelFlow, modules: dict[str, nn.Module],
+            pruned: dict[str, torch.Tensor]) -> tuple[set[int], Counter, Counter]:
+    """The removable classes (their roots), the refusals `{(layer, why): channels}` and the kept channels
+    `{(layer, log level, why): channels}`."""
+    members: dict[int, list[int]] = {}
+    for i in range(len(flow.parent)):
+        members.setdefault(flow.find(i), []).append(i)
+    removable, refused, kept = set(), Counter(), Counter()
+    for root, ids in members.items():
+        gone = [i for i in ids if flow.is_pruned[i]]
+        if not gone:
+            continue
+        pins = [pin for i in ids for pin in flow.pins.get(i, ())]
+        active = sorted({flow.owner[i][0] for i in ids if not flow.is_pruned[i]})
+        keeping = [pin for pin in pins if pin[0] != REFUSE]
+        if active:  # tied to channels that stay: kept, whatever else reads them
+            tie = next((flow.ties[i] for i in gone if i in flow.ties), "an operation")
+            level, why = logging.WARNING, f"{tie} ties them to channels of {', '.join(active[:3])} that stay active"
+        elif keeping:  # kept anyway: what reads them sees them unchanged
+            level = logging.WARNING if keeping[0][0] == TIE else logging.INFO
+            why = keeping[0][1]
+        elif pins:  # removable but for an operation that cannot be followed
+            for i in gone:
+                refused[flow.owner[i][0], pins[0][1]] += 1
+            continue
+        else:
+            removable.add(root)
+            continue
+        for i in gone:
+            kept[flow.owner[i][0], level, why] += 1
+    for name, ids in flow.producers.items():  # no layer of width 0
+        if {flow.find(i) for i in ids} <= removable:
+            removable.discard(flow.find(ids[0]))
+            kept[name, logging.INFO, "one channel stays, so that no layer has width 0"] += 1
+    for name in pruned.keys() - flow.producers.keys():
+        kept[name, logging.WARNING, _untracked(name, modules[name], flow)] += int(pruned[name].sum())
+    return removable, refused, kept
 
 
-def _is_consumer(node: fx.Node, source: fx.Node, modules: dict[str, nn.Module]) -> bool:
-    if node.op != "call_module" or not node.args or node.args[0] is not source:
-        return False
-    module = modules[node.target]
-    return type(module) is nn.Linear or (type(module) is nn.Conv2d and module.groups == 1)
+def _refuse(refused: Counter) -> None:
+    layers = list(dict.fromkeys(layer for layer, _ in refused))
+    problems = [f"{layer} ({count} pruned channels) reaches {why}" for (layer, why), count in refused.items()]
+    more = f" and {len(problems) - 6} more" if len(problems) > 6 else ""
+    raise DSTError("format='shrink' cannot remove the pruned channels of: " + "; ".join(problems[:6]) + more
+                   + ". Shrink removes a channel only where every operation that reads it provably keeps channels "
+                   "apart (elementwise functions, BatchNorm, pools, flatten, permutes, additions, concatenations, "
+                   "and a Linear or Conv2d reading exactly the channel dimension; see docs/export.md). Keep those "
+                   f"layers dense while training (exclude={[f'{layer}.weight' for layer in layers[:4]]}), or export "
+                   "with format='dense' or 'condensed'.")
 
 
-def _follow(producer: fx.Node, values: torch.Tensor, modules: dict[str, nn.Module]) -> tuple | str | None:
-    """`(steps, consumer, constants, constant_planes)` along the chain from `producer`; a str says why not;
-    None: the chain reaches the model's outputs (the head, kept)."""
-    node, steps, preserved = producer, [], True
-    spatial = isinstance(modules[producer.target], nn.Conv2d)
-    while True:
-        users = list(node.users)
-        if len(users) != 1:
-            return f"{len(users)} consumers ({', '.join(_describe(u, modules) for u in users)})"
-        user = users[0]
-        if user.op == "output":
-            return None
-        if _is_consumer(user, node, modules):
-            return steps, user, values, preserved
-        module = modules[user.target] if user.op == "call_module" else None
-        result = _constants(user, module, values, spatial) if user.args and user.args[0] is node else None
-        if result is None:
-            return _describe(user, modules)
-        values, kept_constant = result
-        preserved = preserved and kept_constant
-        steps.append(user)
-        node = user
-
-
-def _plan(graph: fx.Graph, modules: dict[str, nn.Module], pruned: dict[str, torch.Tensor]) -> dict:
-    """`{module name: {"out": kept rows, "in": kept inputs, "fold": [out], "offset": [out, kh, kw]}}`."""
+def _plan(flow: ChannelFlow, modules: dict[str, nn.Module], removable: set[int]) -> dict[str, dict]:
+    """`{module name: {"out": kept rows, "in": kept inputs, "fold": [out], "offset": [out, kh, kw], "keep": ...}}`."""
+    gone = torch.tensor([flow.find(i) in removable for i in range(len(flow.parent))], dtype=torch.bool)
     plan: dict[str, dict] = {}
-    problems: list[str] = []
-    calls: dict[str, list[fx.Node]] = {}
-    for node in graph.nodes:
-        if node.op == "call_module":
-            calls.setdefault(node.target, []).append(node)
-    for name, removed in pruned.items():
-        producer = modules[name]
-        if len(calls.get(name, [])) != 1:
-            problems.append(f"{name} is called {len(calls.get(name, []))} times in the traced forward (shrink "
-                            f"follows layers called once; a parent that reads its weight calls it 0 times)")
+    for name, ids in flow.producers.items():
+        if bool(gone[ids].any()):
+            plan[name] = {"out": torch.nonzero(~gone[ids]).flatten()}
+    for name, calls in flow.calls.items():
+        call = next((c for c in calls if c.input is not None), None)
+        if call is None or not bool(gone[call.input.ids].any()):
             continue
-        if isinstance(producer, nn.Conv2d) and producer.groups != 1:
-            problems.append(f"{name} is a grouped conv (groups={producer.groups}): its channels are tied to its inputs")
+        module, removed = modules[name], gone[call.input.ids]
+        entry = plan.setdefault(name, {})
+        if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            entry["keep"] = torch.nonzero(~removed).flatten()
             continue
-        bias = producer.bias.detach() if producer.bias is not None else producer.weight.new_zeros(len(removed))
-        chain = _follow(calls[name][0], bias, modules)
-        if chain is None:
-            logger.info("shrink export: %s feeds the model's outputs: its %d pruned channels are kept", name,
-                        int(removed.sum()))
+        weight = module.weight.detach()
+        removed = removed.to(weight.device)
+        values = call.input.values.to(weight.device, weight.dtype)
+        if isinstance(module, nn.Linear):
+            columns = removed.repeat_interleave(call.span)
+            entry["in"] = torch.nonzero(~columns).flatten()
+            entry["fold"] = weight[:, columns] @ values.repeat_interleave(call.span)[columns]
             continue
-        if isinstance(chain, str):
-            problems.append(f"{name} ({int(removed.sum())} pruned channels) feeds {chain}")
-            continue
-        steps, consumer_node, constants, preserved = chain
-        if not preserved:  # a padded average pool: only channels that are exactly 0 can go
-            removed = removed & (constants == 0)
-            if not bool(removed.any()):
-                logger.info("shrink export: %s keeps its pruned channels: their constant output passes a padded "
-                            "average pool, which changes it at the borders", name)
-                continue
-        if bool(removed.all()):
-            removed = removed.clone()
-            removed[0] = False  # keep one channel: no layer of width 0
-        keep = torch.nonzero(~removed, as_tuple=True)[0]
-        gone = torch.nonzero(removed, as_tuple=True)[0]
-        plan.setdefault(name, {})["out"] = keep
-        for step in steps:
-            if step.op == "call_module" and isinstance(modules[step.target], (nn.BatchNorm1d, nn.BatchNorm2d)):
-                plan.setdefault(step.target, {})["keep"] = keep
-        consumer = modules[consumer_node.target]
-        entry = plan.setdefault(consumer_node.target, {})
-        weight = consumer.weight.detach()
-        a = constants[gone].to(weight.dtype)
-        if isinstance(consumer, nn.Linear):
-            span = consumer.in_features // len(removed)
-            if span * len(removed) != consumer.in_features:
-                problems.append(f"{name}: its {len(removed)} channels do not divide the {consumer.in_features} inputs "
-                                f"of {consumer_node.target}")
-                continue
-            columns = torch.arange(consumer.in_features, device=weight.device).view(len(removed), span)
-            entry["in"] = columns[keep].reshape(-1)
-            entry["fold"] = (weight[:, columns[gone].reshape(-1)].view(-1, len(gone), span).sum(-1) * a).sum(-1)
-            continue
-        entry["in"] = keep
-        offset = torch.einsum("oikl,i->okl", weight[:, gone], a)
-        if consumer.padding_mode != "zeros" or consumer.padding in ((0, 0), "valid"):
+        entry["in"] = torch.nonzero(~removed).flatten()
+        offset = torch.einsum("oikl,i->okl", weight[:, removed], values[removed])
+        if module.padding_mode != "zeros" or module.padding in ((0, 0), "valid"):
             entry["fold"] = offset.sum((1, 2))  # a constant plane stays constant: a bias
         else:
             entry["offset"] = offset
-    if problems:
-        more = f" and {len(problems) - 6} more" if len(problems) > 6 else ""
-        raise DSTError("format='shrink' cannot remove the pruned channels of: " + "; ".join(problems[:6]) + more
-                       + ". It shrinks chains Linear/Conv2d -> BatchNorm/activation/dropout/pool/flatten -> "
-                       "Linear/Conv2d (MLPs and plain CNNs); residual additions and concatenations tie channels "
-                       "across layers. Keep those layers dense while training (exclude=[...]), or export with "
-                       "format='dense' or 'condensed'.")
     return plan
 
 
 def _rebuilt(module: nn.Module, entry: dict) -> nn.Module:
     """A new, smaller copy of `module` following its `plan` entry."""
     if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
-        keep = entry["keep"]
+        keep = entry["keep"].to(module.running_mean.device)
         new = type(module)(len(keep), module.eps, module.momentum, module.affine, module.track_running_stats,
                            device=module.running_mean.device, dtype=module.running_mean.dtype)
         with torch.no_grad():
@@ -223,8 +154,8 @@ def _rebuilt(module: nn.Module, entry: dict) -> nn.Module:
                 getattr(new, key).copy_(tensor if tensor.ndim == 0 else tensor[keep])
         return new.train(module.training).requires_grad_(False)
     weight = module.weight.detach()
-    out = entry.get("out", torch.arange(weight.shape[0], device=weight.device))
-    inputs = entry.get("in", torch.arange(weight.shape[1], device=weight.device))
+    out = entry.get("out", torch.arange(weight.shape[0])).to(weight.device)
+    inputs = entry.get("in", torch.arange(weight.shape[1])).to(weight.device)
     bias = module.bias.detach().clone() if module.bias is not None else None
     if "fold" in entry:
         bias = entry["fold"] if bias is None else bias + entry["fold"]
@@ -244,31 +175,64 @@ def _rebuilt(module: nn.Module, entry: dict) -> nn.Module:
     return new.train(module.training).requires_grad_(False)
 
 
+def _kept_by_layer(kept: Counter, level: int | None = None) -> dict[str, str]:
+    """`{layer: "N pruned channels stay (n: why; ...)"}` for the kept channels logged at `level` (None: all)."""
+    reasons: dict[str, list[tuple[int, str]]] = {}
+    for (layer, lvl, why), count in kept.items():
+        if level is None or lvl == level:
+            reasons.setdefault(layer, []).append((count, why))
+    return {layer: f"{sum(c for c, _ in entries)} pruned channels stay ("
+                   + "; ".join(f"{c}: {why}" for c, why in entries) + ")" for layer, entries in reasons.items()}
+
+
+def _log_kept(kept: Counter) -> None:
+    for level in (logging.WARNING, logging.INFO):
+        lines = [f"{layer}: {text}" for layer, text in _kept_by_layer(kept, level).items()]
+        if lines:
+            logger.log(level, "shrink export keeps pruned channels of %d layers: %s", len(lines), "; ".join(lines))
+
+
 def shrink(exported: nn.Module, pruned: dict[str, torch.Tensor]) -> nn.Module:
     """Remove the pruned output channels of the layers in `exported` (a masks-removed copy), in place.
+
+    Everything is decided and every new layer built before the first one is swapped in, so a refusal leaves
+    `exported` as it was.
 
     Args:
         exported: the model to shrink; its modules are replaced by smaller ones.
         pruned: `{layer name: bool [out_channels], True where the channel has no active weight}`.
 
     Raises:
-        DSTError: the model cannot be traced, or a layer's pruned channels reach something shrink cannot
-            follow (named in the message).
+        DSTError: the model cannot be traced, a layer's pruned channels reach an operation that shrink cannot
+            prove keeps channels apart (named in the message), or no channel can be removed.
     """
     try:
         graph = fx.Tracer().trace(exported)
     except Exception as error:  # fx raises many types; the message says which
         raise DSTError(f"format='shrink' traces the model with torch.fx to find which layers consume which channels, "
-                       f"and tracing {type(exported).__name__} failed ({type(error).__name__}: {error}). Shrink "
-                       f"supports MLPs and plain CNNs; use format='dense' or 'condensed'.") from error
+                       f"and tracing {type(exported).__name__} failed ({type(error).__name__}: {error}). Use "
+                       f"format='dense' or 'condensed', or make the forward traceable (no data-dependent control "
+                       f"flow).") from error
     modules = dict(exported.named_modules())
-    plan = _plan(graph, modules, pruned)
+    flow = ChannelFlow(graph, modules, pruned)
+    removable, refused, kept = _decide(flow, modules, pruned)
+    if refused:
+        _refuse(refused)
+    plan = _plan(flow, modules, removable)
     if not plan:
-        raise DSTError(f"format='shrink' found no channel to remove: the layers with pruned channels "
-                       f"({', '.join(pruned)}) feed the model's outputs, which are never removed. Use format='dense'.")
-    for name, entry in plan.items():
-        parent_name, _, child = name.rpartition(".")
-        setattr(exported.get_submodule(parent_name), child, _rebuilt(modules[name], entry))
-        logger.info("shrink export: %s %s", name, " ".join(f"{k}={len(v)}" for k, v in entry.items()
+        layers = _kept_by_layer(kept)
+        more = f"; and {len(layers) - 4} more layers" if len(layers) > 4 else ""
+        raise DSTError("format='shrink' found no channel to remove: " + "; ".join(
+            f"{layer}: {text}" for layer, text in list(layers.items())[:4]) + f"{more}. Use format='dense'.")
+    _log_kept(kept)
+    rebuilt = {name: _rebuilt(modules[name], entry) for name, entry in plan.items()}
+    names = {}
+    for name, module in exported.named_modules(remove_duplicate=False):
+        names.setdefault(id(module), []).append(name)
+    for name, new in rebuilt.items():
+        for alias in names[id(modules[name])]:
+            parent_name, _, child = alias.rpartition(".")
+            setattr(exported.get_submodule(parent_name), child, new)
+        logger.info("shrink export: %s %s", name, " ".join(f"{k}={len(v)}" for k, v in plan[name].items()
                                                           if k in ("out", "in", "keep")))
     return exported
