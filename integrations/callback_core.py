@@ -20,12 +20,24 @@ from dst_prune._validation import check_number
 from dst_prune.algorithms import create_algorithm
 from dst_prune.errors import DSTError
 
-__all__ = ["SparseTraining"]
+__all__ = ["SparseTraining", "adopt_saved_length"]
 
 logger = logging.getLogger(__name__)
 
 #: a stand-in for the length of training until the trainer knows it (replaced before the first step)
 _UNKNOWN_LENGTH = 10**9
+
+
+def adopt_saved_length(dst: dst_prune.DynamicSparsity, state: object, *, explicit: bool) -> None:
+    """Before resuming: a controller whose length of training is still the stand-in takes the saved run's.
+
+    Checked first (`check_state_dict`), so a state that would be refused changes nothing.
+    """
+    saved = state.get("total_steps") if isinstance(state, dict) else None
+    if explicit or dst.step_count or not isinstance(saved, int) or dst.total_steps != _UNKNOWN_LENGTH:
+        return
+    dst.check_state_dict(state)
+    dst.set_total_steps(saved)
 
 
 class SparseTraining:
@@ -113,5 +125,11 @@ class SparseTraining:
         except Exception as error:
             raise DSTError(f"{path} cannot be read as tensors and plain values ({type(error).__name__}); it is "
                            f"refused.") from None
-        self.dst.load_state_dict(state)
+        self.restore(state)
         logger.info("dst_prune: resumed the controller from %s at step %d", path, self.dst.step_count)
+
+    def restore(self, state: dict) -> None:
+        """Load a controller state; a controller applied before the trainer knew the length of training takes the
+        saved run's first (the trainer's own, set when training starts, may still change it, logged)."""
+        adopt_saved_length(self.dst, state, explicit=self.explicit_length)
+        self.dst.load_state_dict(state)

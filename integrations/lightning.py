@@ -120,7 +120,7 @@ class DSTCallback(Callback):
 
     def load_state_dict(self, state_dict: dict) -> None:
         if state_dict:
-            self.dst.load_state_dict(state_dict)
+            self.training.restore(state_dict)
             self._restored = True
 
 

@@ -39,13 +39,14 @@ import dst_prune
 from dst_prune._optimizer_state import unwrap_optimizer
 from dst_prune.errors import DSTError
 
+from .callback_core import _UNKNOWN_LENGTH, adopt_saved_length
+
 __all__ = ["SparseCheckpointSaver", "apply", "checkpoint_state", "resume", "step", "track_ema"]
 
 logger = logging.getLogger(__name__)
 
 KEY = "dst_prune"
 #: a stand-in for the length of training until `set_total_steps` gives it (`step` refuses to run on it)
-_UNKNOWN_LENGTH = 10**9
 
 
 class _Updates:
@@ -260,5 +261,7 @@ def resume(dst: dst_prune.DynamicSparsity, path: str | Path | None) -> None:
                 dst.check_weights({k.removeprefix("module."): v for k, v in weights.items()}, state)
         except DSTError as error:
             raise DSTError(f"{path}, {key}: {error}") from None
+    updates = _UPDATES.get(dst)
+    adopt_saved_length(dst, state, explicit=updates is None or updates.length_given)
     dst.load_state_dict(state)
     logger.info("dst_prune: resumed the controller from %s at step %d", path, dst.step_count)

@@ -97,10 +97,15 @@ def test_mkdocs_build_strict(site_build):
     api = (site / "api" / "index.html").read_text()
     for name in ("dst_prune.apply", "dst_prune.DynamicSparsity", "dst_prune.load_sparse_state_dict",
                  "dst_prune.pruned_state_dict", "dst_prune.register_method", "dst_prune.DropAndGrow",
-                 "dst_prune.SparseAlgorithm", "dst_prune.DSTError", "integrations.hf.DSTCallback",
-                 "integrations.lightning.DSTCallback", "integrations.timm.SparseCheckpointSaver",
-                 "integrations.checkpoints.load_checkpoint"):
+                 "dst_prune.SparseAlgorithm", "dst_prune.DSTError", "dst_prune.integrations.hf.DSTCallback",
+                 "dst_prune.integrations.lightning.DSTCallback", "dst_prune.integrations.timm.SparseCheckpointSaver",
+                 "dst_prune.integrations.checkpoints.load_checkpoint", "dst_prune.DynamicSparsity.state_dict",
+                 "dst_prune.DynamicSparsity.load_state_dict", "dst_prune.DynamicSparsity.sum_table",
+                 "dst_prune.DynamicSparsity.add_copy"):
         assert f'id="{name}"' in api, name
+    assert 'id="integrations.' not in api  # every object under the path users import it by
+    algorithms = (site / "algorithms" / "index.html").read_text()
+    assert "<!-- method defaults -->" not in algorithms and "drop_fraction=0.3" in algorithms
     benchmarks = (site / "benchmarks" / "index.html").read_text()
     assert "<!-- table:" not in benchmarks and benchmarks.count("measured on") >= 5
 

@@ -27,7 +27,6 @@ from ..algorithms.context import SparsityContext
 from ..config import SparsityConfig
 from ..distributed.ddp import broadcast_masks, check_sync, ignore_masks_in_ddp
 from ..distributed.sharded import Sharding
-from ..errors import DSTError
 from ..reports.history import plot_history, save_history_csv
 from ..reports.tables import stats_table, sum_table
 from ._copies import ModelCopies
@@ -131,20 +130,22 @@ class DynamicSparsity:
         """Give the length of training once it is known (a trainer computes it when training starts).
 
         The stop step follows from it as in `apply` (`stop_fraction`, or the method's default), unless
-        `apply` was given an explicit `stop_step`.
+        `apply` was given an explicit `stop_step`. Changing it after training started (a resumed run trained
+        for longer) is allowed, as the resume rule allows (`dst_prune.config`), and logged: the schedule follows
+        the new length from the current step on.
 
         Raises:
-            DSTError: not a positive integer, a schedule the method cannot run, or training already started
-                with another length.
+            DSTError: not a positive integer, or a schedule the method cannot run.
         """
         total_steps = check_int(total_steps, "total_steps", minimum=1, what="a number of optimizer steps")
         context = self.context
-        if context.step and total_steps != self.config.total_steps:
-            raise DSTError(f"total_steps={total_steps}, but training already ran {context.step} steps with "
-                           f"total_steps={self.config.total_steps}; set it before the first step.")
         config = self.config.with_total_steps(total_steps)
         schedule = config.schedule(self.algorithm.default_stop_fraction)
         self.algorithm.check_schedule(schedule)
+        if context.step and total_steps != self.config.total_steps:
+            logger.warning("dst_prune: the length of training changes from %s to %d optimizer steps at step %d; the "
+                           "schedule (stop step %s, decays) follows the new length from now on",
+                           self.config.total_steps, total_steps, context.step, schedule.stop_step)
         context.config, context.schedule = config, schedule
         self._arm_dense_gradients(context.step + 1)
 
