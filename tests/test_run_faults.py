@@ -188,3 +188,18 @@ def test_run_log_keeps_one_stable_header_and_resumes_without_lost_or_repeated_ro
     RunLog(tmp_path, resume_step=100).close()
     with (tmp_path / "train.csv").open() as f:
         assert [r["step"] for r in csv.DictReader(f)] == ["20", "100"]
+
+
+def test_a_row_cut_off_mid_write_is_dropped_on_resume(tmp_path, caplog):
+    log = RunLog(tmp_path)
+    log.log("train", 20, {"loss": 1.0, "lr": 0.1})
+    log.log("train", 40, {"loss": 0.9, "lr": 0.1})
+    log.close()
+    with (tmp_path / "train.csv").open("a") as f:
+        f.write("40,0.85,0.")  # the disk filled up while the row of step 40 (re-logged) was written
+    resumed = RunLog(tmp_path, resume_step=40)
+    resumed.log("train", 60, {"loss": 0.8, "lr": 0.1})
+    resumed.close()
+    text = (tmp_path / "train.csv").read_text()
+    assert text == "step,loss,lr\n20,1.0,0.1\n40,0.9,0.1\n60,0.8,0.1\n"
+    assert "dropped a partial last line" in caplog.text and "40,0.85,0." in caplog.text
