@@ -22,7 +22,7 @@ from dst_prune.integrations import datasets
 from dst_prune.integrations.run_log import RunLog
 
 sys.path.insert(0, str(ROOT / "scripts"))
-from train_args import parse_args
+from train_args import build_parser, parse_args
 
 FAULT_RUN = ["--cpu", "--max-steps", "150", "--batch-size", "16", "--update-every", "4", "--grad-accum", "2",
              "--method", "rigl", "--checkpoint-every", "4", "--keep-checkpoints", "3", "--log-every", "5",
@@ -123,11 +123,38 @@ def test_a_fresh_run_in_a_used_folder_is_refused(tmp_path):
     (["--sparsity", "1.0"], "argument --sparsity: '1.0' is not a number in [0, 1)"),
     (["--lr", "nan"], "argument --lr: 'nan' is not a positive number"),
     (["--dist-timeout", "-1"], "argument --dist-timeout: '-1' is not a positive number"),
+    (["--dist-timeout", "1e308"], "argument --dist-timeout: '1e308' is not a positive number of seconds (at most"),
+    (["--seed", "4294967296"], "argument --seed: '4294967296' is not a seed in [0, 4294967295]"),
+    (["--stop-epoch", "1e308"], "argument --stop-epoch: '1e308' is not a positive number of epochs (at most 1e+06)"),
+    (["--epochs", "1e308"], "argument --epochs: '1e308' is not a positive number of epochs"),
+    (["--milestones", "10", "1e308"], "argument --milestones: '1e308' is not a positive number of epochs"),
+    (["--resume", "latest", "--overwrite"], "--resume continues the run in --output-dir and --overwrite starts it"),
 ])
 def test_bad_command_line_values_are_usage_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_:
         parse_args(argv)
     assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_an_output_dir_that_is_a_file_is_a_usage_error(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("mine")
+    for output in (tmp_path / "notes.txt", tmp_path / "notes.txt" / "run"):
+        with pytest.raises(SystemExit) as exit_:
+            parse_args(["--output-dir", str(output)])
+        assert exit_.value.code == 2 and f"{tmp_path / 'notes.txt'} is a file, not a folder" in capsys.readouterr().err
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_help_shows_every_default_once(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())  # unwrapped
+    options = [a for a in build_parser()._actions if a.option_strings and a.dest != "help"]
+    assert "(default: None)" not in text and text.count("default") == len(options)
+    for shown in ("--lr LR learning rate (default: 0.1)", "--nesterov Nesterov momentum (default: off)",
+                  "--output-dir OUTPUT_DIR where the outputs go (default: runs/<dataset>-<model>-<method>-<sparsity>)",
+                  "--milestones [MILESTONES ...] epochs where a step schedule decays (default: none)"):
+        assert shown in text, shown
 
 
 def _extract_in(cache: str, archive: str, queue) -> None:
