@@ -15,14 +15,16 @@ from pathlib import Path
 import dst_prune
 from dst_prune.integrations.datasets import DATASETS
 
-__all__ = ["DEFAULT_STOP_FRACTION", "build_parser", "parse_args", "run_args"]
+__all__ = ["DEFAULT_SCHEDULES", "build_parser", "parse_args", "run_args"]
 
 MAX_EPOCHS = 1e6  # larger epoch counts overflow the step arithmetic (and no run is that long)
 MAX_TIMEOUT = 1e8  # seconds (three years); larger ones overflow the process group's clock
 MAX_SEED = 2**32 - 1  # numpy's seeds are 32-bit
-#: where the script stops reallocating when neither --stop-fraction nor --stop-epoch is given, as a fraction of
-#: training: DSR's paper stops its LeNet-300-100 recipe at epoch 90 of 100 (the library's DSR never stops by itself)
-DEFAULT_STOP_FRACTION = {"dsr": 0.9}
+#: the reallocation schedule the script gives a method when no flag sets one, in fractions of training. DSR: the DSR
+#: paper's LeNet-300-100 recipe (the period doubling at epochs 25, 50 and 75, no reallocation from epoch 90 of 100),
+#: so that no weight is regrown (at zero) once the learning rate is too small to grow it. The library's DSR default
+#: (`dst_prune.apply`) has no such schedule: it reallocates every `update_every` steps to the end.
+DEFAULT_SCHEDULES = {"dsr": {"stop_fraction": 0.9, "double_at_fractions": [0.25, 0.5, 0.75]}}
 
 
 def _bounded(kind: type, low: float, what: str, strict: bool = False, high: float | None = None):
@@ -103,11 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--exclude", nargs="*", default=None,
                    help="parameter names (or .-suffixes) to keep dense (default: none)")
     g.add_argument("--update-every", type=POSITIVE, default=100, help="optimizer steps between reallocations")
-    g.add_argument("--double-at-epochs", type=EPOCHS, nargs="*", default=(),
-                   help="epochs where the period doubles")
+    g.add_argument("--double-at-epochs", type=EPOCHS, nargs="*", default=None,
+                   help="epochs where the period doubles; none with no value (default: none; for dsr, at 25%%, 50%% "
+                        "and 75%% of training, as the DSR paper's LeNet-300-100 recipe)")
     g.add_argument("--stop-epoch", type=EPOCHS, default=None,
                    help="no reallocation from this epoch on (default: see --stop-fraction)")
-    g.add_argument("--stop-fraction", type=POSITIVE_FLOAT, default=None,
+    g.add_argument("--stop-fraction", type=_bounded(float, 0, "a number in (0, 1]", strict=True, high=1.0),
+                   default=None,
                    help="no reallocation from this fraction of training on (default: 0.9 for dsr, as the DSR "
                         "paper's LeNet-300-100 recipe; the method's own for the others: rigl, srigl, gmp, granet "
                         "0.75, snfs 1.0, set and static never)")
@@ -177,8 +181,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.output_dir is None:
         args.output_dir = Path("runs") / f"{args.dataset}-{args.model.replace(':', '_')}-{args.method}-{args.sparsity}"
     _check_output_dir(parser, args.output_dir)
+    schedule = DEFAULT_SCHEDULES.get(args.method, {})
     if args.stop_fraction is None and args.stop_epoch is None:
-        args.stop_fraction = DEFAULT_STOP_FRACTION.get(args.method)
+        args.stop_fraction = schedule.get("stop_fraction")
+    args.double_at_fractions = schedule.get("double_at_fractions", []) if args.double_at_epochs is None else []
+    args.double_at_epochs = args.double_at_epochs or []
     return args
 
 

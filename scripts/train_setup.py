@@ -144,7 +144,8 @@ def build_model(run: Run) -> None:
                               optimizer=optimizer, update_every=args.update_every, total_steps=run.total_steps,
                               stop_fraction=args.stop_fraction,
                               stop_step=to_step(args.stop_epoch) if args.stop_epoch is not None else None,
-                              double_at=[to_step(e) for e in args.double_at_epochs], seed=args.seed,
+                              double_at=[to_step(e) for e in args.double_at_epochs] +
+                              [max(1, round(f * run.total_steps)) for f in args.double_at_fractions], seed=args.seed,
                               **args.hyperparameters)
     run.dst.prepare_for_ddp()
     run.raw_model = model

@@ -29,6 +29,14 @@ FAULT_RUN = ["--cpu", "--max-steps", "150", "--batch-size", "16", "--update-ever
              "--ema", "0.9"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _temporary_files_under_pytest(tmp_path_factory):
+    """The processes these tests start keep their temporary files (torchrun's logs) in pytest's folder."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TMPDIR", str(tmp_path_factory.mktemp("tmp")))
+        yield
+
+
 def command(output: Path, *extra: str) -> list[str]:
     return [sys.executable, str(SCRIPT), *FAULT_RUN, "--output-dir", str(output), *extra]
 

@@ -26,6 +26,14 @@ ACCUMULATING = ["--cpu", "--train-subset", "160", "--val-subset", "64", "--batch
                 "1", "--ema", "0.9"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _temporary_files_under_pytest(tmp_path_factory):
+    """The processes these tests start keep their temporary files (torchrun's logs) in pytest's folder."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TMPDIR", str(tmp_path_factory.mktemp("tmp")))
+        yield
+
+
 def run(output: Path, *extra: str, check: bool = True) -> subprocess.CompletedProcess:
     result = subprocess.run([sys.executable, str(SCRIPT), *ACCUMULATING, "--output-dir", str(output), *extra],
                             capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
