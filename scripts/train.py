@@ -64,8 +64,9 @@ def main(argv: list[str] | None = None) -> dict:
     except dst_prune.DSTError as error:
         raise SystemExit(f"train.py: {error}") from None
     except KeyboardInterrupt:  # a second Ctrl-C, or one before training started: no traceback
-        raise SystemExit(f"train.py: interrupted; nothing was saved since the last checkpoint in "
-                         f"{args.output_dir / 'checkpoints'} (if any).") from None
+        print(f"train.py: interrupted; nothing was saved since the last checkpoint in {args.output_dir / 'checkpoints'}"
+              f" (if any).", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
     except (RuntimeError, torch.distributed.DistBackendError) as error:
         if "timed out" not in str(error).lower() and "timeout" not in str(error).lower():
             raise
@@ -111,7 +112,7 @@ def resume(run: Run, checkpoint: Path, changes: list[str]) -> None:
 def save(run: Run) -> None:
     run.progress.unlogged_losses = [float(v) for v in run.running]  # so a resumed run logs the same rows
     ckpt.save_checkpoint(run.checkpoints, run.progress.optimizer_steps, keep=run.args.keep_checkpoints,
-                    run_args=run_args(run.args, run.accelerator.num_processes), **run.state)
+                         run_args=run_args(run.args, run.accelerator.num_processes), **run.state)
     run.saved_at = run.progress.optimizer_steps
 
 

@@ -25,8 +25,12 @@ IDENTITY_FLAGS = ("model", "pretrained", "model_kwargs", "dataset", "img_size", 
                   "batch_size", "grad_accum", "optimizer", "ema", "processes")
 
 
+_NAMES = {"processes": "the number of processes",
+          "double_at_fractions": "the script's default period doubling (fractions of training)"}
+
+
 def _flag(key: str) -> str:
-    return "the number of processes" if key == "processes" else "--" + key.replace("_", "-")
+    return _NAMES.get(key, "--" + key.replace("_", "-"))
 
 
 def _shown(value: object) -> str:

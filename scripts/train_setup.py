@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,7 +39,7 @@ class Run:
     sampler: ShardedEpochSampler
     loader: DataLoader
     total_steps: int
-    lr_factor: object
+    lr_factor: Callable[[int], float]
     model_arguments: dict
     model: nn.Module = None  # as prepared by accelerate (DDP, compiled)
     raw_model: nn.Module = None
@@ -70,7 +71,8 @@ def subset(dataset, size: int | None, seed: int):
     return torch.utils.data.Subset(dataset, sorted(order.tolist()))
 
 
-def lr_lambda(args: argparse.Namespace, total_steps: int, steps_per_epoch: float):
+def lr_lambda(args: argparse.Namespace, total_steps: int, steps_per_epoch: float) -> Callable[[int], float]:
+    """The LR factor at an optimizer step: linear warmup, then cosine, step or constant."""
     milestones = [round(m * steps_per_epoch) for m in args.milestones]
 
     def factor(step: int) -> float:
@@ -94,6 +96,7 @@ def make_optimizer(args: argparse.Namespace, model: nn.Module) -> torch.optim.Op
 
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset, accelerator: Accelerator, args: argparse.Namespace) -> dict:
+    """Validation loss and accuracy over every rank's share of `dataset`."""
     model.eval()
     shard = torch.arange(accelerator.process_index, len(dataset), accelerator.num_processes)
     loader = DataLoader(torch.utils.data.Subset(dataset, shard.tolist()), batch_size=256, num_workers=args.workers,
@@ -113,6 +116,7 @@ def evaluate(model: nn.Module, dataset, accelerator: Accelerator, args: argparse
 
 
 def build_data(args: argparse.Namespace, accelerator: Accelerator) -> Run:
+    """The run with its data: datasets, the resumable sampler and loader, the number of steps, the LR factor."""
     set_seed(args.seed)  # torch, numpy, random: the same initial weights on every rank
     info = build_datasets(args.dataset, resolve_data_root(args.data), img_size=args.img_size,
                           num_classes=args.num_classes)
