@@ -4,7 +4,8 @@ A row may carry columns earlier rows did not (DSR's threshold appears at the fir
 is then rewritten once with the wider header (atomically), so every row of a file has exactly the
 header's fields. Resuming into the same folder drops the rows a stopped run logged after its last
 checkpoint (`truncate_after`), so the resumed run logs each step exactly once; TensorBoard gets the same
-cut through `purge_step`.
+cut through `purge_step`. Every row ends with a newline, so a last line without one was cut off (a full
+disk, a killed process): it is dropped on resume, and the next row starts on a line of its own.
 """
 
 from __future__ import annotations
@@ -18,6 +19,18 @@ from pathlib import Path
 __all__ = ["RunLog"]
 
 logger = logging.getLogger(__name__)
+
+
+def _drop_partial_line(path: Path) -> None:
+    """Remove a last line that has no newline (a row cut off mid-write), atomically."""
+    data = path.read_bytes()
+    if not data or data.endswith(b"\n"):
+        return
+    kept = data[: data.rfind(b"\n") + 1]
+    logger.warning("%s: dropped a partial last line (cut off mid-write): %r", path, data[len(kept):][:200])
+    temporary = path.with_name(f".{path.name}.partial")
+    temporary.write_bytes(kept)
+    os.replace(temporary, path)
 
 
 def _read(path: Path) -> tuple[list[str], list[dict]]:
@@ -83,6 +96,7 @@ class RunLog:
         if not self.enabled:
             return
         for path in self.directory.glob("*.csv"):
+            _drop_partial_line(path)
             header, rows = _read(path)
             kept = [] if all_rows else [r for r in rows if r.get("step", "").isdigit() and int(r["step"]) <= step]
             if kept != rows or not header:

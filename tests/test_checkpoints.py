@@ -142,8 +142,9 @@ def test_a_payload_planted_in_any_file_never_runs(saved, tmp_path, name, manifes
     ("truncate dst.pt", r"dst\.pt is missing or differs from the checkpoint's manifest"),
     ("truncate dst.pt, rewrite manifest", r"dst\.pt cannot be read as tensors and plain values"),
     ("flip a mask byte, rewrite manifest", "digest does not match"),
-    ("dst.pt of another step, rewrite manifest", "non-zero outside the saved mask"),
-    ("dst.pt of another step", r"dst\.pt is missing or differs"),
+    ("dst.pt of an earlier step, rewrite manifest", "non-zero outside the saved mask"),
+    ("dst.pt of a later step, rewrite manifest", r"dst\.pt counted 9 optimizer steps, more than the checkpoint's 5"),
+    ("dst.pt of a later step", r"dst\.pt is missing or differs"),
     ("remove optimizer.pt", r"optimizer\.pt is missing"),
     ("remove manifest.json", "manifest.json cannot be read"),
 ])
@@ -155,9 +156,9 @@ def test_damaged_or_mixed_checkpoints_are_refused_by_name_and_change_nothing(sav
         state = torch.load(saved / "dst.pt", weights_only=True)
         state["masks"][0].view(-1)[0] ^= 1
         torch.save(state, saved / "dst.pt")
-    elif "another step" in damage:
+    elif "step" in damage:
         other = Run()
-        other.train(9)
+        other.train(3 if "earlier" in damage else 9)
         torch.save(other.dst.state_dict(), saved / "dst.pt")
     elif "remove" in damage:
         (saved / damage.split()[1]).unlink()

@@ -153,7 +153,7 @@ def test_readme_shows_what_make_run_prints():
     nonzero = [int(n) for n in re.findall(r"^\| \S+ +\| +\d+ \| +(\d+) \|", output, re.MULTILINE)]
     assert sum(nonzero) == dst.budget
     assert re.search(r"^lenet_300_100 on digits: validation accuracy 0\.\d{4} at sparsity 0\.9000 \(dsr\) after 1320 "
-                     r"steps, 13 reallocations; outputs in runs/digits-lenet_300_100-dsr-0\.9$", output, re.MULTILINE)
+                     r"steps, 6 reallocations; outputs in runs/digits-lenet_300_100-dsr-0\.9$", output, re.MULTILINE)
     script = (ROOT / "scripts" / "train.py").read_text()
     assert "validation accuracy {summary['val_accuracy']:.4f} at sparsity" in script
 

@@ -22,11 +22,19 @@ from dst_prune.integrations import datasets
 from dst_prune.integrations.run_log import RunLog
 
 sys.path.insert(0, str(ROOT / "scripts"))
-from train_args import parse_args
+from train_args import build_parser, parse_args
 
 FAULT_RUN = ["--cpu", "--max-steps", "150", "--batch-size", "16", "--update-every", "4", "--grad-accum", "2",
              "--method", "rigl", "--checkpoint-every", "4", "--keep-checkpoints", "3", "--log-every", "5",
              "--ema", "0.9"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _temporary_files_under_pytest(tmp_path_factory):
+    """The processes these tests start keep their temporary files (torchrun's logs) in pytest's folder."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TMPDIR", str(tmp_path_factory.mktemp("tmp")))
+        yield
 
 
 def command(output: Path, *extra: str) -> list[str]:
@@ -123,11 +131,38 @@ def test_a_fresh_run_in_a_used_folder_is_refused(tmp_path):
     (["--sparsity", "1.0"], "argument --sparsity: '1.0' is not a number in [0, 1)"),
     (["--lr", "nan"], "argument --lr: 'nan' is not a positive number"),
     (["--dist-timeout", "-1"], "argument --dist-timeout: '-1' is not a positive number"),
+    (["--dist-timeout", "1e308"], "argument --dist-timeout: '1e308' is not a positive number of seconds (at most"),
+    (["--seed", "4294967296"], "argument --seed: '4294967296' is not a seed in [0, 4294967295]"),
+    (["--stop-epoch", "1e308"], "argument --stop-epoch: '1e308' is not a positive number of epochs (at most 1e+06)"),
+    (["--epochs", "1e308"], "argument --epochs: '1e308' is not a positive number of epochs"),
+    (["--milestones", "10", "1e308"], "argument --milestones: '1e308' is not a positive number of epochs"),
+    (["--resume", "latest", "--overwrite"], "--resume continues the run in --output-dir and --overwrite starts it"),
 ])
 def test_bad_command_line_values_are_usage_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_:
         parse_args(argv)
     assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_an_output_dir_that_is_a_file_is_a_usage_error(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("mine")
+    for output in (tmp_path / "notes.txt", tmp_path / "notes.txt" / "run"):
+        with pytest.raises(SystemExit) as exit_:
+            parse_args(["--output-dir", str(output)])
+        assert exit_.value.code == 2 and f"{tmp_path / 'notes.txt'} is a file, not a folder" in capsys.readouterr().err
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_help_shows_every_default_once(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())  # unwrapped
+    options = [a for a in build_parser()._actions if a.option_strings and a.dest != "help"]
+    assert "(default: None)" not in text and text.count("default") == len(options)
+    for shown in ("--lr LR learning rate (default: 0.1)", "--nesterov Nesterov momentum (default: off)",
+                  "--output-dir OUTPUT_DIR where the outputs go (default: runs/<dataset>-<model>-<method>-<sparsity>)",
+                  "--milestones [MILESTONES ...] epochs where a step schedule decays (default: none)"):
+        assert shown in text, shown
 
 
 def _extract_in(cache: str, archive: str, queue) -> None:
@@ -188,3 +223,18 @@ def test_run_log_keeps_one_stable_header_and_resumes_without_lost_or_repeated_ro
     RunLog(tmp_path, resume_step=100).close()
     with (tmp_path / "train.csv").open() as f:
         assert [r["step"] for r in csv.DictReader(f)] == ["20", "100"]
+
+
+def test_a_row_cut_off_mid_write_is_dropped_on_resume(tmp_path, caplog):
+    log = RunLog(tmp_path)
+    log.log("train", 20, {"loss": 1.0, "lr": 0.1})
+    log.log("train", 40, {"loss": 0.9, "lr": 0.1})
+    log.close()
+    with (tmp_path / "train.csv").open("a") as f:
+        f.write("40,0.85,0.")  # the disk filled up while the row of step 40 (re-logged) was written
+    resumed = RunLog(tmp_path, resume_step=40)
+    resumed.log("train", 60, {"loss": 0.8, "lr": 0.1})
+    resumed.close()
+    text = (tmp_path / "train.csv").read_text()
+    assert text == "step,loss,lr\n20,1.0,0.1\n40,0.9,0.1\n60,0.8,0.1\n"
+    assert "dropped a partial last line" in caplog.text and "40,0.85,0." in caplog.text

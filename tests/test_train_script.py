@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import os
+import re
+import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -16,12 +21,21 @@ import timm
 import torch
 
 import dst_prune
+from dst_prune.bits import unpack_bits
 from dst_prune.integrations import models  # noqa: F401  (registers lenet_300_100 with timm)
 from dst_prune.integrations.datasets import ShardedEpochSampler
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "train.py"
 MNIST_SLICE = ["--dataset", "mnist", "--train-subset", "640", "--val-subset", "500", "--batch-size", "16"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _temporary_files_under_pytest(tmp_path_factory):
+    """The processes these tests start keep their temporary files (torchrun's logs) in pytest's folder."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TMPDIR", str(tmp_path_factory.mktemp("tmp")))
+        yield
 
 
 def train(*args: str, processes: int = 1, datapath: Path | None = None, cwd: Path | None = None) -> str:
@@ -88,12 +102,33 @@ def test_sampler_shards_are_disjoint_equal_and_resume_mid_epoch():
     assert list(shards[0]) != indices[0]
 
 
-def test_default_main_job_on_bundled_digits(tmp_path):
-    stdout = train("--epochs", "15", "--output-dir", str(tmp_path / "run"), cwd=tmp_path)
+DEMO = ["--epochs", "15"]  # `make run` (30 epochs), shorter
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> tuple[Path, str]:
+    """The main job, as `make run` starts it: its output folder and what it printed."""
+    folder = tmp_path_factory.mktemp("demo")
+    stdout = train(*DEMO, "--output-dir", str(folder / "run"), cwd=folder)
+    return folder / "run", stdout
+
+
+def test_default_main_job_on_bundled_digits(demo):
+    run, stdout = demo
     assert "# nonzero parameters in sparse" in stdout and "Parameter tensor" in stdout
-    run = tmp_path / "run"
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["val_accuracy"] > 0.9 and f"{summary['sparsity']:.4f}" == "0.9000" and summary["updates"] > 0
+    assert summary["val_accuracy"] > 0.9 and f"{summary['sparsity']:.4f}" == "0.9000"
+    # DSR reallocates as in the DSR paper's LeNet-300-100 recipe, relative to training: every 100 steps, the period
+    # doubling at 25%, 50% and 75% (steps 165, 330, 495), none from 90% (step 594). Weights regrown late would stay
+    # near zero while the learning rate decays to zero: few of the active weights are
+    with (run / "history.csv").open() as f:
+        updates = [int(row["step"]) for row in csv.DictReader(f)]
+    assert summary["steps"] == 660 and updates == [100, 200, 400] and summary["updates"] == 3
+    weights, state = (safetensors.torch.load_file(run / "model.safetensors"),
+                      torch.load(run / "dst_state.pt", weights_only=True))
+    active = torch.cat([weights[name][unpack_bits(packed, weights[name].shape)]
+                        for name, packed in zip(state["targets"], state["masks"])])
+    assert len(active) == 4920 and int((active.abs() < 1e-3).sum()) < 0.1 * len(active)
     for name in ("sum_table.txt", "stats_table.txt", "history.csv", "density.png", "train.csv", "val.csv"):
         assert (run / name).stat().st_size > 0, name
     # the plain weights load into an untouched model, rebuilt from the arguments summary.json records, and
@@ -107,6 +142,62 @@ def test_default_main_job_on_bundled_digits(tmp_path):
     assert f"{loaded.sparsity:.4f}" == "0.9000"
     x = torch.randn(5, 1, 8, 8)
     assert torch.equal(sparse.eval()(x), dense.eval()(x))
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_a_checkpoint_and_prints_the_command_that_resumes_exactly(demo, tmp_path):
+    straight, _ = demo
+    stop = signal.SIGINT
+    output = tmp_path / "run"
+    process = subprocess.Popen([sys.executable, str(SCRIPT), "--cpu", *DEMO, "--output-dir", str(output)], cwd=tmp_path,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
+    while not (output / "train.csv").is_file():  # training has begun
+        assert process.poll() is None, process.stderr.read()[-3000:]
+        time.sleep(0.005)
+    process.send_signal(stop)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 128 + stop and "Traceback" not in stderr, stderr[-3000:]
+    assert "\r" not in stderr  # into a file, progress is a log line, not a bar redrawn with carriage returns
+    step = int(re.search(r"stopped by SIGINT after optimizer step (\d+) of 660", stderr).group(1))
+    assert 0 < step < 660 and (output / "checkpoints" / f"step-{step:07d}" / "manifest.json").is_file()
+    command = stderr.split("Resume with:\n")[1].splitlines()[0].strip()
+    assert command.endswith("--resume latest") and f"{SCRIPT} --cpu --epochs 15 --output-dir" in command
+    resumed = subprocess.run(shlex.split(command), cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    final = "step-0000660"
+    assert_same(checkpoint_state(straight / "checkpoints" / final), checkpoint_state(output / "checkpoints" / final))
+    assert ranks(straight) == ranks(output)
+    for log in ("train.csv", "val.csv"):
+        assert (straight / log).read_text() == (output / log).read_text()
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_two_process_run_saves_on_every_rank_and_resumes(tmp_path):
+    """A scheduler's preemption: SIGTERM to the launcher, which forwards it to both ranks; they agree on one step."""
+    output, flags = tmp_path / "run", ["--cpu", "--epochs", "30", "--checkpoint-every", "1000"]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    process = subprocess.Popen([*launch, str(SCRIPT), *flags, "--output-dir", str(output)], cwd=tmp_path,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    while not (output / "train.csv").is_file():
+        assert process.poll() is None, process.stderr.read()[-3000:]
+        time.sleep(0.005)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode != 0 and "Traceback" not in stderr, stderr[-3000:]
+    step = int(re.search(r"stopped by SIGTERM after optimizer step (\d+) of 660", stderr).group(1))
+    saved = output / "checkpoints" / f"step-{step:07d}"
+    assert 0 < step < 660 and step % 10 == 0  # the ranks compare their requests every 10 steps
+    assert {"rng-rank0.pt", "rng-rank1.pt"} <= set(json.loads((saved / "manifest.json").read_text())["files"])
+    command = stderr.split("Resume with:\n")[1].splitlines()[0].strip()
+    assert command.startswith("accelerate launch --multi_gpu --num_processes 2 ")
+    assert command.endswith("--resume latest")
+    resumed = subprocess.run([*launch, *shlex.split(command)[5:]], cwd=tmp_path, capture_output=True, text=True,
+                             timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {saved} at epoch" in resumed.stderr
+    assert [r["steps"] for r in ranks(output)] == [660, 660] and ranks(output)[0] == ranks(output)[1]
 
 
 @pytest.mark.slow
@@ -155,15 +246,15 @@ def test_resume_mid_epoch_is_bitwise_exact(datapath, tmp_path, processes, method
 
 @pytest.mark.slow
 def test_gradient_accumulation_counts_optimizer_steps(datapath, tmp_path):
-    train(*MNIST_SLICE, "--max-steps", "8", "--grad-accum", "3", "--update-every", "2", "--output-dir",
-          str(tmp_path), datapath=datapath)
+    train(*MNIST_SLICE, "--max-steps", "8", "--grad-accum", "3", "--update-every", "2", "--method", "set",
+          "--output-dir", str(tmp_path), datapath=datapath)
     (rank,) = ranks(tmp_path)
     assert rank["steps"] == 8 and rank["micro_batches"] == 24 and rank["updates"] == 4
 
 
 @pytest.mark.slow
 def test_bf16_autocast_smoke(tmp_path):
-    train("--dataset", "synthetic", "--model", "resnet18", "--img-size", "32", "--batch-size", "8",
+    train("--dataset", "synthetic", "--model", "resnet18", "--img-size", "32", "--batch-size", "8", "--method", "set",
           "--max-steps", "6", "--update-every", "2", "--mixed-precision", "bf16", "--channels-last",
           "--output-dir", str(tmp_path), cwd=tmp_path)
     summary = json.loads((tmp_path / "summary.json").read_text())
