@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 import dst_prune
 from dst_prune.compat.models import lenet_300_100
-from dst_prune.integrations.data import load_mnist_normalized, resolve_data_root
+from dst_prune.training.data import load_mnist_normalized, resolve_data_root
 
 logger = logging.getLogger("mnist_methods")
 DEFAULT_METHODS = ["dense", "static", "set", "dsr", "rigl", "snfs", "gmp"]

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 import dst_prune
 from dst_prune.compat.models import lenet_300_100
-from dst_prune.integrations.data import load_mnist_normalized, resolve_data_root
+from dst_prune.training.data import load_mnist_normalized, resolve_data_root
 
 logger = logging.getLogger("structured_accuracy")
 METHODS = ["dense", "static", "rigl", "srigl"]
@@ -48,7 +48,7 @@ def cifar_tensors(root: Path, train_images: int) -> Path:
     """Decode CIFAR-10 (JPEG) once through `build_datasets` (no augmentation) into a cached float16 tensor file."""
     from torch.utils.data import DataLoader, Subset
 
-    from dst_prune.integrations.datasets import build_datasets
+    from dst_prune.training.datasets import build_datasets
 
     cache = Path(os.environ.get("DST_PRUNE_CACHE", Path.home() / ".cache" / "dst_prune"))
     path = cache / f"cifar10-jpeg-tensors-{train_images}.pt"

@@ -44,6 +44,13 @@ MOVED = {
     "dst_prune.sparsity": "dst_prune.controller",
     "dst_prune.stats": "dst_prune.reports",
     "dst_prune.validation": "dst_prune._validation",
+    "dst_prune.integrations.checkpoints": "dst_prune.training.checkpoints",
+    "dst_prune.integrations.data": "dst_prune.training.data",
+    "dst_prune.integrations.datasets": "dst_prune.training.datasets",
+    "dst_prune.integrations.models": "dst_prune.training.models",
+    "dst_prune.integrations.plots": "dst_prune.training.plots",
+    "dst_prune.integrations.run_log": "dst_prune.training.run_log",
+    "dst_prune.integrations.timm_models": "dst_prune.training.timm_models",
 }
 
 

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 import dst_prune
 from dst_prune.compat.models import lenet_300_100
-from dst_prune.integrations.data import load_digits, load_mnist_normalized, resolve_data_root
+from dst_prune.training.data import load_digits, load_mnist_normalized, resolve_data_root
 
 logger = logging.getLogger("quickstart")
 

@@ -7,7 +7,7 @@
 Masks agree on every rank by construction (checked with --check-sync), reallocation counts optimizer
 steps (not micro-batches, not fp16-skipped steps), and a run resumed from any checkpoint (--resume)
 ends bitwise where the uninterrupted run does. Checkpoints hold only tensors and plain values
-(`dst_prune.integrations.checkpoints`) and are taken only between optimizer steps: with --grad-accum,
+(`dst_prune.training.checkpoints`) and are taken only between optimizer steps: with --grad-accum,
 an epoch that ends inside an accumulation cycle is checkpointed after that cycle's optimizer step.
 Ctrl-C or SIGTERM saves a checkpoint at the next optimizer step and prints the command that resumes.
 The flags are in `train_args.py`; which of them may change on resume, in `train_resume.py`.
@@ -37,9 +37,9 @@ from train_setup import Run, build_data, build_model, evaluate
 
 import dst_prune
 from dst_prune.distributed import mask_digest
-from dst_prune.integrations import checkpoints as ckpt
-from dst_prune.integrations.plots import density_heatmap
-from dst_prune.integrations.run_log import RunLog
+from dst_prune.training import checkpoints as ckpt
+from dst_prune.training.plots import density_heatmap
+from dst_prune.training.run_log import RunLog
 
 logger = logging.getLogger("train")
 
@@ -99,7 +99,7 @@ def checkpoint_to_resume(args: argparse.Namespace, accelerator: Accelerator) -> 
 def resume(run: Run, checkpoint: Path, changes: list[str]) -> None:
     """Load `checkpoint` (checked completely first), then apply the flags that changed since it was saved."""
     fresh_groups = [{k: v for k, v in group.items() if k != "params"} for group in run.optimizer.param_groups]
-    ckpt.load_checkpoint(checkpoint, **run.state, keep_schedule=True)
+    ckpt.load_checkpoint(checkpoint, **run.state)
     apply_optimizer_flags(run.optimizer, fresh_groups, run.scheduler, run.args.lr, run.lr_factor)
     run.saved_at = run.progress.optimizer_steps
     run.running = [torch.tensor(v, device=run.accelerator.device) for v in run.progress.unlogged_losses]

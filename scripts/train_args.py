@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 
 import dst_prune
-from dst_prune.integrations.datasets import DATASETS
+from dst_prune.training.datasets import DATASETS
 
 __all__ = ["DEFAULT_SCHEDULES", "build_parser", "parse_args", "run_args"]
 

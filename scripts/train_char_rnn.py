@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 import dst_prune
 from dst_prune.compat.models import CharRNN
-from dst_prune.integrations.data import resolve_data_root
+from dst_prune.training.data import resolve_data_root
 
 logger = logging.getLogger("train_char_rnn")
 

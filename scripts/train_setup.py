@@ -17,11 +17,11 @@ from torch.utils.data import DataLoader
 from train_runtime import choose_threads, ignore_stop_signals
 
 import dst_prune
-from dst_prune.integrations.checkpoints import TrainingProgress
-from dst_prune.integrations.data import resolve_data_root
-from dst_prune.integrations.datasets import ShardedEpochSampler, build_datasets
-from dst_prune.integrations.models import create_model
-from dst_prune.integrations.run_log import RunLog
+from dst_prune.training.checkpoints import TrainingProgress
+from dst_prune.training.data import resolve_data_root
+from dst_prune.training.datasets import ShardedEpochSampler, build_datasets
+from dst_prune.training.models import create_model
+from dst_prune.training.run_log import RunLog
 
 __all__ = ["Run", "build_data", "build_model", "evaluate", "lr_lambda", "make_optimizer", "subset"]
 

@@ -16,7 +16,7 @@ import torch
 from test_checkpoints import Run, rewrite_manifest, same
 
 import dst_prune
-from dst_prune.integrations.checkpoints import find_checkpoint, load_checkpoint, save_checkpoint
+from dst_prune.training.checkpoints import find_checkpoint, load_checkpoint, save_checkpoint
 
 
 @pytest.fixture(scope="module")

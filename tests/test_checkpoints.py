@@ -1,4 +1,4 @@
-"""The training script's checkpoints (`dst_prune.integrations.checkpoints`): nothing in them can run code, a
+"""The training script's checkpoints (`dst_prune.training.checkpoints`): nothing in them can run code, a
 damaged or mixed file is refused by name and changes nothing, and `latest` always names a complete checkpoint."""
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from timm.utils import ModelEmaV3
 from torch import nn
 
 import dst_prune
-from dst_prune.integrations import checkpoints
-from dst_prune.integrations.checkpoints import TrainingProgress, load_checkpoint, save_checkpoint
+from dst_prune.training import checkpoints
+from dst_prune.training.checkpoints import TrainingProgress, load_checkpoint, save_checkpoint
 
 
 class Run:

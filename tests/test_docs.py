@@ -99,7 +99,7 @@ def test_mkdocs_build_strict(site_build):
                  "dst_prune.pruned_state_dict", "dst_prune.register_method", "dst_prune.DropAndGrow",
                  "dst_prune.SparseAlgorithm", "dst_prune.DSTError", "dst_prune.integrations.hf.DSTCallback",
                  "dst_prune.integrations.lightning.DSTCallback", "dst_prune.integrations.timm.SparseCheckpointSaver",
-                 "dst_prune.integrations.checkpoints.load_checkpoint", "dst_prune.DynamicSparsity.state_dict",
+                 "dst_prune.training.checkpoints.load_checkpoint", "dst_prune.DynamicSparsity.state_dict",
                  "dst_prune.DynamicSparsity.load_state_dict", "dst_prune.DynamicSparsity.sum_table",
                  "dst_prune.DynamicSparsity.add_copy"):
         assert f'id="{name}"' in api, name
@@ -141,7 +141,7 @@ def test_readme_commands_exist_in_the_makefile():
 def test_readme_shows_what_make_run_prints():
     """The sum table of `make run` is fixed by the model and the budget; the summary line is train.py's format."""
     import dst_prune
-    from dst_prune.integrations.models import create_model
+    from dst_prune.training.models import create_model
 
     text = README.read_text()
     output = re.search(r"`make run` ends with.*?```text\n(.*?)```", text, re.DOTALL).group(1)

@@ -6,8 +6,13 @@ import pytest
 import timm
 import torch
 
-from dst_prune.integrations.models import create_model
 from dst_prune.targets import stem_and_head
+from dst_prune.training.models import create_model, register_timm_models
+
+
+@pytest.fixture(autouse=True)
+def _registered():
+    register_timm_models()
 
 
 @pytest.mark.parametrize(("name", "parameters"), [("wrn_28_2", 1_467_610), ("wrn_16_8", 10_961_370),
@@ -34,8 +39,9 @@ def test_torchvision_models_by_prefix_and_timm_vits_take_the_image_size():
 
 
 def test_every_seed_model_is_registered_with_timm():
-    from dst_prune.integrations.timm_models import MODELS
+    from dst_prune.training.timm_models import MODELS, register_timm_models
 
+    assert register_timm_models() == MODELS and register_timm_models() == MODELS  # (twice: no duplicate)
     assert set(MODELS) <= set(timm.list_models())
     lstm = timm.create_model("char_lstm", vocab_size=65)
     logits, _ = lstm(torch.randint(0, 65, (2, 7)))
@@ -46,7 +52,7 @@ def test_every_seed_model_is_registered_with_timm():
 
 
 def test_data_root_from_the_environment_or_a_dotenv_file(tmp_path, monkeypatch):
-    from dst_prune.integrations.data import resolve_data_root
+    from dst_prune.training.data import resolve_data_root
 
     monkeypatch.delenv("DATAPATH", raising=False)
     monkeypatch.chdir(tmp_path)

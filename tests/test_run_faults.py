@@ -18,8 +18,8 @@ import psutil
 import pytest
 from test_train_script import ROOT, SCRIPT, assert_same, checkpoint_state, ranks
 
-from dst_prune.integrations import datasets
-from dst_prune.integrations.run_log import RunLog
+from dst_prune.training import datasets
+from dst_prune.training.run_log import RunLog
 
 sys.path.insert(0, str(ROOT / "scripts"))
 from train_args import build_parser, parse_args

@@ -16,12 +16,13 @@ from torch import nn
 
 import dst_prune
 from dst_prune import DSModel
-from dst_prune.integrations import timm_models  # noqa: F401  (registers wrn_28_2 with timm)
+from dst_prune.training.timm_models import register_timm_models
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
 
 def test_the_seed_readme_example_works_as_written():
+    register_timm_models()
     my_dynamic_sparse_model = timm.create_model("wrn_28_2")
     model = DSModel(
         model=my_dynamic_sparse_model,

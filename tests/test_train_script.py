@@ -21,9 +21,9 @@ import timm
 import torch
 
 import dst_prune
-from dst_prune.bits import unpack_bits
-from dst_prune.integrations import models  # noqa: F401  (registers lenet_300_100 with timm)
-from dst_prune.integrations.datasets import ShardedEpochSampler
+from dst_prune._bits import unpack_bits
+from dst_prune.training import models  # noqa: F401  (registers lenet_300_100 with timm)
+from dst_prune.training.datasets import ShardedEpochSampler
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "train.py"

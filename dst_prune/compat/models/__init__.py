@@ -1,6 +1,6 @@
 """The seed's models: LeNet-300-100 (MNIST), wide ResNets and ResNets with spatial bottlenecks (CIFAR), char-RNN.
 
-`import dst_prune.integrations.models` registers them with timm's registry (`timm.create_model("wrn_28_2")`).
+`import dst_prune.training.models` registers them with timm's registry (`timm.create_model("wrn_28_2")`).
 """
 
 from .char_rnn import CharRNN

@@ -21,8 +21,8 @@ import numpy as np
 import safetensors.torch
 import torch
 
-from dst_prune.errors import DSTError
-from dst_prune.loading import complete_state_dict
+from ..errors import DSTError
+from ..loading import complete_state_dict
 
 __all__ = ["check_optimizer_state", "check_rng_state", "check_scheduler_state", "member", "read_json",
            "read_safetensors", "read_torch"]

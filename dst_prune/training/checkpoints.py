@@ -40,10 +40,9 @@ import numpy as np
 import safetensors.torch
 import torch
 
-from dst_prune.errors import DSTError
-
-from . import checkpoint_files as files_check
-from .checkpoint_files import member, read_json
+from ..errors import DSTError
+from . import _checkpoint_files as files_check
+from ._checkpoint_files import member, read_json
 
 __all__ = ["LATEST", "TrainingProgress", "checkpoint_args", "find_checkpoint", "load_checkpoint", "save_checkpoint",
            "write_atomically"]
@@ -254,12 +253,11 @@ def _check_steps(folder: Path, manifest: dict, progress: dict, dst_state: dict) 
 
 
 def load_checkpoint(folder: str | os.PathLike, *, accelerator, model, optimizer, dst, scheduler,
-                    progress: TrainingProgress, ema=None, keep_schedule: bool = False) -> int:
+                    progress: TrainingProgress, ema=None) -> int:
     """Check the checkpoint in `folder` completely, then load it into the live objects. Returns its step.
 
-    Args:
-        keep_schedule: keep the live controller's update schedule and `total_steps` (built from this run's
-            flags, which may have changed) instead of the checkpoint's; everything else comes from the checkpoint.
+    The controller keeps its own update schedule and `total_steps` (built from this run's flags, which may have
+    changed), as `DynamicSparsity.load_state_dict`'s resume rule says; everything else comes from the checkpoint.
 
     Raises:
         DSTError: naming the file that is missing, corrupted, of another run or unreadable; nothing is loaded.
@@ -282,8 +280,6 @@ def load_checkpoint(folder: str | os.PathLike, *, accelerator, model, optimizer,
     files_check.check_optimizer_state(folder / "optimizer.pt", optimizer_state, optimizer, steps)
     files_check.check_scheduler_state(folder / "scheduler.json", scheduler_state, scheduler, steps)
     files_check.check_rng_state(rng_path, rng)
-    if keep_schedule and isinstance(dst_state, dict):
-        dst_state = {**dst_state, "schedule": dst.schedule.state_dict(), "total_steps": dst.total_steps}
     try:
         dst.check_state_dict(dst_state)
         dst.check_weights(model_state, dst_state)

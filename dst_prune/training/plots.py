@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dst_prune.reports.history import history_rows
+from ..reports.history import history_rows
 
 __all__ = ["density_heatmap"]
 

@@ -1,4 +1,5 @@
-"""Registers dst_prune's models (the seed's) with timm, so `timm.create_model` and `scripts/train.py` find them.
+"""dst_prune's models (the seed's) for timm's registry: after `register_timm_models()` (which
+`dst_prune.training.models.create_model` calls), `timm.create_model` and `scripts/train.py` find them.
 
 | name | model |
 | --- | --- |
@@ -11,13 +12,14 @@
 
 from __future__ import annotations
 
+import timm
 from timm.models import register_model
 from torch import nn
 
-from dst_prune.compat.models import CharRNN, cifar_resnet, wide_resnet
-from dst_prune.compat.models import lenet_300_100 as _lenet
+from ..compat.models import CharRNN, cifar_resnet, wide_resnet
+from ..compat.models import lenet_300_100 as _lenet
 
-__all__ = ["MODELS"]
+__all__ = ["MODELS", "register_timm_models"]
 
 
 def _no_pretrained(name: str, pretrained: bool) -> None:
@@ -25,7 +27,6 @@ def _no_pretrained(name: str, pretrained: bool) -> None:
         raise ValueError(f"{name} has no pretrained weights")
 
 
-@register_model
 def lenet_300_100(pretrained: bool = False, num_classes: int = 10, in_chans: int = 1, img_size: int = 28,
                   **kwargs) -> nn.Module:
     """LeNet-300-100 for `in_chans x img_size x img_size` inputs (MNIST: 1 x 28 x 28)."""
@@ -33,7 +34,6 @@ def lenet_300_100(pretrained: bool = False, num_classes: int = 10, in_chans: int
     return _lenet(in_chans * img_size * img_size, num_classes)
 
 
-@register_model
 def i1k_resnet50(pretrained: bool = False, num_classes: int = 1000, **kwargs) -> nn.Module:
     """torchvision's ResNet-50 (the DSR paper's ImageNet network); pretrained weights from its cache."""
     import torchvision
@@ -41,7 +41,6 @@ def i1k_resnet50(pretrained: bool = False, num_classes: int = 1000, **kwargs) ->
     return torchvision.models.resnet50(weights="DEFAULT" if pretrained else None, num_classes=num_classes)
 
 
-@register_model
 def char_lstm(pretrained: bool = False, num_classes: int | None = None, vocab_size: int = 65,
               hidden_size: int = 256, **kwargs) -> nn.Module:
     """A 2-layer character LSTM language model over `vocab_size` characters."""
@@ -49,17 +48,17 @@ def char_lstm(pretrained: bool = False, num_classes: int | None = None, vocab_si
     return CharRNN(num_classes or vocab_size, hidden_size=hidden_size, depth=2, cell="lstm")
 
 
-def _register_wrn(depth: int, width: int) -> None:
+def _wrn(depth: int, width: int) -> object:
     def factory(pretrained: bool = False, num_classes: int = 10, in_chans: int = 3, **kwargs) -> nn.Module:
         _no_pretrained(factory.__name__, pretrained)
         return wide_resnet(depth, width, num_classes, in_chans=in_chans, dropout=kwargs.get("drop_rate", 0.0))
 
     factory.__name__ = f"wrn_{depth}_{width}"
     factory.__doc__ = f"WRN-{depth}-{width} for CIFAR (Zagoruyko & Komodakis 2016)."
-    register_model(factory)
+    return factory
 
 
-def _register_cifar_resnet(depth: int) -> None:
+def _cifar_resnet(depth: int) -> object:
     def factory(pretrained: bool = False, num_classes: int = 10, in_chans: int = 3, sb_mode: str | None = None,
                 sb_q: int = 1, **kwargs) -> nn.Module:
         _no_pretrained(factory.__name__, pretrained)
@@ -67,13 +66,17 @@ def _register_cifar_resnet(depth: int) -> None:
 
     factory.__name__ = f"cifar_resnet{depth}"
     factory.__doc__ = f"ResNet-{depth} for CIFAR (He et al. 2016), optionally with spatial bottlenecks."
-    register_model(factory)
+    return factory
 
 
-for _depth, _width in ((28, 2), (28, 10), (16, 8)):
-    _register_wrn(_depth, _width)
-for _depth in (20, 32, 44, 56, 110):
-    _register_cifar_resnet(_depth)
+FACTORIES = [lenet_300_100, *(_wrn(d, w) for d, w in ((28, 2), (28, 10), (16, 8))),
+             *(_cifar_resnet(d) for d in (20, 32, 44, 56, 110)), i1k_resnet50, char_lstm]
+MODELS = [factory.__name__ for factory in FACTORIES]
 
-MODELS = ["lenet_300_100", "wrn_28_2", "wrn_28_10", "wrn_16_8", *[f"cifar_resnet{d}" for d in (20, 32, 44, 56, 110)],
-          "i1k_resnet50", "char_lstm"]
+
+def register_timm_models() -> list[str]:
+    """Register every model of `MODELS` with timm's registry (once; later calls change nothing). Returns `MODELS`."""
+    for factory in FACTORIES:
+        if not timm.models.is_model(factory.__name__):
+            register_model(factory)
+    return MODELS

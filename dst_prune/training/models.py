@@ -1,6 +1,6 @@
 """Build a model by name for `scripts/train.py`: timm names, torchvision's (`tv:resnet50`) and dst_prune's own.
 
-dst_prune's models are registered with timm's registry on import of this module (`timm_models`), so
+dst_prune's models are registered with timm's registry by `create_model` (or `register_timm_models()`), so
 `timm.create_model("wrn_28_2")` finds them too.
 """
 
@@ -9,11 +9,10 @@ from __future__ import annotations
 import timm
 from torch import nn
 
-from dst_prune.errors import DSTError
+from ..errors import DSTError
+from .timm_models import register_timm_models
 
-from . import timm_models  # noqa: F401  (registers dst_prune's models with timm)
-
-__all__ = ["create_model"]
+__all__ = ["create_model", "register_timm_models"]
 
 
 def _replace_last_linear(model: nn.Module, num_classes: int) -> None:
@@ -47,6 +46,7 @@ def create_model(name: str, *, num_classes: int, in_chans: int = 3, img_size: in
         DSTError: `pretrained` weights that are not in the local cache and cannot be fetched (the message names
             the cache folder and how to fill it).
     """
+    register_timm_models()
     try:
         return _create_model(name, num_classes=num_classes, in_chans=in_chans, img_size=img_size,
                              pretrained=pretrained, **kwargs)
