@@ -21,7 +21,7 @@ PIP := PYTHONWARNINGS="ignore:Editable installation" $(BIN)/python -m pip
 
 .PHONY: install run run-mnist quickstart test test-fast lint clean
 
-$(STAMP): pyproject.toml setup.cfg
+$(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 ifneq ($(TORCH_INDEX),)

@@ -89,7 +89,7 @@ def machine_info(device: str, root: Path) -> dict:
     sys.path.insert(0, str(root))
     try:
         import dst_prune
-        import dst_prune.integrations  # installed through setup.cfg's package_dir only
+        import dst_prune.integrations  # installed through pyproject.toml's package-dir only
     except ImportError as error:
         sys.exit(f"dst_prune cannot be imported ({error}). From the repository root run `pip install -e . --no-deps` "
                  f"first (it maps integrations/ to dst_prune.integrations), and install what it names as missing "

@@ -1,6 +1,6 @@
 """mkdocs hook: on the API page, objects of the repo's `integrations/` folder carry their import path.
 
-The folder is installed as `dst_prune.integrations` (setup.cfg's package_dir), but mkdocstrings reads the source
+The folder is installed as `dst_prune.integrations` (pyproject.toml's package-dir), but mkdocstrings reads the source
 tree, where it is `integrations`: anchors, links and headings are renamed to `dst_prune.integrations.*` so that
 what the page shows is what users import.
 """
