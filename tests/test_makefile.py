@@ -16,8 +16,8 @@ pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="needs make
 
 def dry_run(*arguments: str) -> list[str]:
     """The commands `make -n` would run (the install recipe included: `-W pyproject.toml` makes it look due)."""
-    result = subprocess.run(["make", "-n", "-W", "pyproject.toml", *arguments], cwd=ROOT, capture_output=True, text=True,
-                            timeout=60, check=True)
+    result = subprocess.run(["make", "-n", "-W", "pyproject.toml", *arguments], cwd=ROOT, capture_output=True,
+                            text=True, timeout=60, check=True)
     return result.stdout.splitlines()
 
 
