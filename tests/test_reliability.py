@@ -261,8 +261,9 @@ def test_masks_with_no_active_weight_are_refused_by_load_sparse_state_dict():
     model = SmallCNN()
     before = snapshot(model)
     masks = {n: torch.zeros_like(p, dtype=torch.bool) for n, p in model.named_parameters() if n == "conv.weight"}
+    weights = {k: torch.zeros_like(v) if k == "conv.weight" else v for k, v in model.state_dict().items()}
     with pytest.raises(dst_prune.DSTError, match="no active weight at all"):
-        dst_prune.load_sparse_state_dict(model, model.state_dict(), masks=masks)
+        dst_prune.load_sparse_state_dict(model, weights, masks=masks)
     assert_unchanged(model, before)
 
 

@@ -88,8 +88,9 @@ def test_resume_is_bitwise_exact(tmp_path, method, stop_at):
     assert sum(sum(r["pruned"]) for r in dst.history) > 0
 
 
-def test_resume_without_the_controller_state_diverges(tmp_path):
-    """Negative control: the resume test above can fail; forgetting dst.load_state_dict changes the masks."""
+def test_resume_without_the_controller_state_is_refused_before_anything_is_lost(tmp_path):
+    """Negative control: forgetting dst.load_state_dict is not a silent divergence: the first forward refuses, with
+    the loaded weights kept whole, and loading the controller state then resumes exactly."""
     straight = build()
     train(*straight, 10)
     first = build()
@@ -99,8 +100,12 @@ def test_resume_without_the_controller_state_diverges(tmp_path):
     checkpoint = torch.load(path, weights_only=True)
     model.load_state_dict(checkpoint["model"])
     optimizer.load_state_dict(checkpoint["optimizer"])
+    with pytest.raises(dst_prune.DSTError, match="load the matching controller state"):
+        train(model, optimizer, dst, 6, start=4)
+    assert same_tensors(model.state_dict(), checkpoint["model"])
+    dst.load_state_dict(checkpoint["dst"])
     train(model, optimizer, dst, 6, start=4)
-    assert not same_tensors(model.state_dict(), straight[0].state_dict())
+    assert same_tensors(model.state_dict(), straight[0].state_dict())
 
 
 def test_removed_state_dict_loads_into_an_untouched_timm_model(tmp_path):
