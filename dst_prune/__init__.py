@@ -18,4 +18,4 @@ __all__ = [
     "is_sparse", "list_methods", "load_sparse_state_dict", "pruned_state_dict", "register_method", "remove",
 ]
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
