@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import safetensors.torch
 import torch
@@ -25,6 +26,9 @@ from train_resume import apply_optimizer_flags
 import dst_prune
 from dst_prune.distributed import checkpoint as distributed_checkpoint
 from dst_prune.training.extra_state import check_training_extra, load_training_extra, training_extra
+
+if TYPE_CHECKING:
+    from train_setup import Run
 
 __all__ = ["REFUSED_WITH_FSDP", "blocks", "check_checkpoint_kind", "check_fsdp_flags", "final_files",
            "find_sharded_checkpoint", "require_process_group", "reshard", "resume_sharded", "save_sharded", "shard",
@@ -149,14 +153,14 @@ def sharded_checkpoint_args(folder: Path) -> dict | None:
     return saved if isinstance(saved, dict) else None
 
 
-def save_sharded(run, run_args: dict) -> Path:
+def save_sharded(run: Run, run_args: dict) -> Path:
     """A `distributed_checkpoint` save of the run (every rank): shards, controller, and the script's state."""
     extra = training_extra(scheduler=run.scheduler, progress=run.progress, run_args=run_args)
     return distributed_checkpoint.save(run.checkpoints, run.raw_model, run.optimizer, run.dst, extra=extra,
                                        keep=run.args.keep_checkpoints)
 
 
-def resume_sharded(run, folder: Path) -> None:
+def resume_sharded(run: Run, folder: Path) -> None:
     """Check the checkpoint's extra against this run, then load shards and controller (checked), then the rest.
 
     Nothing is loaded when anything is refused; every rank checks every rank's entries, so all decide alike.
@@ -181,7 +185,7 @@ def sharded_weights_abs_sum(model: nn.Module) -> float:
     return float(total)
 
 
-def final_files(run, out: Path) -> None:
+def final_files(run: Run, out: Path) -> None:
     """`model.safetensors` (the full plain state dict, gathered on rank 0) and `dst_state.pt` (every rank computes
     it, rank 0 writes it): the files the DDP path writes, loadable with `strict=True` into an untouched model."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
