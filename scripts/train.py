@@ -3,6 +3,7 @@
     python scripts/train.py                                   # LeNet-300-100 on bundled digits, DSR at 90%
     accelerate launch scripts/train.py --model resnet50 --dataset imagefolder --data /imagenet --method rigl
     accelerate launch --multi_gpu --num_processes 2 scripts/train.py --cpu ...   # 2-process DDP on a CPU
+    torchrun --standalone --nproc_per_node 2 scripts/train.py --fsdp --cpu ...   # sharded (FSDP2), `train_fsdp.py`
 
 Masks agree on every rank by construction (checked with --check-sync), reallocation counts optimizer
 steps (not micro-batches, not fp16-skipped steps), and a run resumed from any checkpoint (--resume)
@@ -10,7 +11,8 @@ ends bitwise where the uninterrupted run does. Checkpoints hold only tensors and
 (`dst_prune.training.checkpoints`) and are taken only between optimizer steps: with --grad-accum,
 an epoch that ends inside an accumulation cycle is checkpointed after that cycle's optimizer step.
 Ctrl-C or SIGTERM saves a checkpoint at the next optimizer step and prints the command that resumes.
-The flags are in `train_args.py`; which of them may change on resume, in `train_resume.py`.
+The flags are in `train_args.py`; which of them may change on resume, in `train_resume.py`; --fsdp's sharding and
+checkpoints, in `train_fsdp.py`.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from pathlib import Path
 
 import safetensors.torch
 import torch
+import train_fsdp
 from accelerate import Accelerator, InitProcessGroupKwargs
 from torch import nn
 from train_args import parse_args, run_args
@@ -83,12 +86,13 @@ def checkpoint_to_resume(args: argparse.Namespace, accelerator: Accelerator) -> 
             raise SystemExit(f"{args.output_dir} holds checkpoints of an earlier run: pass --resume latest to continue "
                              f"it, --overwrite to start afresh there, or another --output-dir.")
         return None, []
-    checkpoint = ckpt.find_checkpoint(args.resume, checkpoints)
+    checkpoint = (train_fsdp.find_sharded_checkpoint if args.fsdp else ckpt.find_checkpoint)(args.resume, checkpoints)
     if checkpoint is None:
         raise dst_prune.DSTError(f"--resume latest: {checkpoints} holds no checkpoint (no 'latest' file), so there is "
                                  f"nothing to resume. Start the run without --resume, or give the --output-dir of "
                                  f"the run to continue.")
-    saved = ckpt.checkpoint_args(checkpoint)
+    train_fsdp.check_checkpoint_kind(checkpoint, args.fsdp)
+    saved = (train_fsdp.sharded_checkpoint_args if args.fsdp else ckpt.checkpoint_args)(checkpoint)
     if saved is None:
         logger.warning("%s records no flags (an older checkpoint): they cannot be compared; this run's flags apply",
                        checkpoint)
@@ -98,9 +102,12 @@ def checkpoint_to_resume(args: argparse.Namespace, accelerator: Accelerator) -> 
 
 def resume(run: Run, checkpoint: Path, changes: list[str]) -> None:
     """Load `checkpoint` (checked completely first), then apply the flags that changed since it was saved."""
-    fresh_groups = [{k: v for k, v in group.items() if k != "params"} for group in run.optimizer.param_groups]
-    ckpt.load_checkpoint(checkpoint, **run.state)
-    apply_optimizer_flags(run.optimizer, fresh_groups, run.scheduler, run.args.lr, run.lr_factor)
+    if run.args.fsdp:
+        train_fsdp.resume_sharded(run, checkpoint)
+    else:
+        fresh_groups = [{k: v for k, v in group.items() if k != "params"} for group in run.optimizer.param_groups]
+        ckpt.load_checkpoint(checkpoint, **run.state)
+        apply_optimizer_flags(run.optimizer, fresh_groups, run.scheduler, run.args.lr, run.lr_factor)
     run.saved_at = run.progress.optimizer_steps
     run.running = [torch.tensor(v, device=run.accelerator.device) for v in run.progress.unlogged_losses]
     for change in changes:
@@ -111,8 +118,11 @@ def resume(run: Run, checkpoint: Path, changes: list[str]) -> None:
 
 def save(run: Run) -> None:
     run.progress.unlogged_losses = [float(v) for v in run.running]  # so a resumed run logs the same rows
-    ckpt.save_checkpoint(run.checkpoints, run.progress.optimizer_steps, keep=run.args.keep_checkpoints,
-                         run_args=run_args(run.args, run.accelerator.num_processes), **run.state)
+    if run.args.fsdp:
+        train_fsdp.save_sharded(run, run_args(run.args, run.accelerator.num_processes))
+    else:
+        ckpt.save_checkpoint(run.checkpoints, run.progress.optimizer_steps, keep=run.args.keep_checkpoints,
+                             run_args=run_args(run.args, run.accelerator.num_processes), **run.state)
     run.saved_at = run.progress.optimizer_steps
 
 
@@ -126,7 +136,9 @@ def micro_batch(run: Run, x: torch.Tensor, y: torch.Tensor) -> bool:
     if args.channels_last and x.ndim == 4:
         x = x.contiguous(memory_format=torch.channels_last)
     sync = (progress.micro_batches + 1) % args.grad_accum == 0
-    with contextlib.nullcontext() if sync else accelerator.no_sync(run.model):
+    if args.fsdp:  # FSDP2's no_sync: gradients accumulate unsharded until the cycle's last micro-batch
+        run.model.set_requires_gradient_sync(sync)
+    with contextlib.nullcontext() if sync or args.fsdp else accelerator.no_sync(run.model):
         with accelerator.autocast():
             loss = nn.functional.cross_entropy(run.model(x), y)
         accelerator.backward(loss / args.grad_accum)
@@ -135,7 +147,9 @@ def micro_batch(run: Run, x: torch.Tensor, y: torch.Tensor) -> bool:
     run.running.append(loss.detach())
     if not sync:
         return False
-    if args.clip_grad:
+    if args.clip_grad and args.fsdp:
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), args.clip_grad)  # the norm over every rank's shards
+    elif args.clip_grad:
         accelerator.clip_grad_norm_(run.model.parameters(), args.clip_grad)
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
@@ -251,7 +265,11 @@ def finish(run: Run, start: float) -> dict:
     summary["model"] = {"name": args.model, **run.model_arguments}  # what create_model needs to rebuild it
     ranks = args.output_dir / "ranks"
     ranks.mkdir(parents=True, exist_ok=True)
-    weights = float(sum(p.detach().double().abs().sum() for p in run.raw_model.parameters()))
+    if args.fsdp:
+        weights = train_fsdp.sharded_weights_abs_sum(run.raw_model)
+        train_fsdp.final_files(run, args.output_dir)  # gathers weights and masks: on every rank
+    else:
+        weights = float(sum(p.detach().double().abs().sum() for p in run.raw_model.parameters()))
     (ranks / f"rank{accelerator.process_index}.json").write_text(json.dumps(
         {"mask_digest": mask_digest(dst.targets), "weights_abs_sum": weights, "steps": dst.step_count,
          "updates": dst.update_index, "micro_batches": progress.micro_batches}))
@@ -263,8 +281,9 @@ def finish(run: Run, start: float) -> dict:
             dst.save_history(out / "history.csv")
             dst.plot_history(out / "density.png")
             density_heatmap(dst, out / "density_heatmap.png")  # one named row per layer, for many layers
-        safetensors.torch.save_model(run.raw_model, str(out / "model.safetensors"))  # plain: loads anywhere
-        torch.save(dst.state_dict(), out / "dst_state.pt")  # the masks, for dst_prune.load_sparse_state_dict
+        if not args.fsdp:
+            safetensors.torch.save_model(run.raw_model, str(out / "model.safetensors"))  # plain: loads anywhere
+            torch.save(dst.state_dict(), out / "dst_state.pt")  # the masks, for dst_prune.load_sparse_state_dict
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
         print(dst.sum_table)
         print(dst.stats_table)

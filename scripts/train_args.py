@@ -12,6 +12,8 @@ import json
 import math
 from pathlib import Path
 
+from train_fsdp import check_fsdp_flags
+
 import dst_prune
 from dst_prune.training.datasets import DATASETS
 
@@ -148,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--keep-checkpoints", type=POSITIVE, default=2, help="how many of the newest checkpoints to keep")
     r.add_argument("--log-every", type=POSITIVE, default=20, help="optimizer steps between log rows")
     r.add_argument("--seed", type=SEED, default=0, help="seeds the weights, the data order and every mask draw")
+    r.add_argument("--fsdp", action="store_true",
+                   help="shard the model across the processes with FSDP2 (fully_shard per block, then the root) "
+                        "instead of DDP; launch with torchrun or accelerate launch (see docs/fsdp.md)")
     r.add_argument("--cpu", action="store_true",
                    help="run on the CPU (gloo for multi-process) even when a GPU is available; without one, the run "
                         "is on the CPU anyway")
@@ -181,6 +186,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.output_dir is None:
         args.output_dir = Path("runs") / f"{args.dataset}-{args.model.replace(':', '_')}-{args.method}-{args.sparsity}"
     _check_output_dir(parser, args.output_dir)
+    check_fsdp_flags(parser, args)
     schedule = DEFAULT_SCHEDULES.get(args.method, {})
     if args.stop_fraction is None and args.stop_epoch is None:
         args.stop_fraction = schedule.get("stop_fraction")

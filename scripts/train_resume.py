@@ -1,7 +1,7 @@
 """Resuming `scripts/train.py` with other flags: which may change, and applying the new values for real.
 
 The flags that define what is trained (the model, the data, the sparsity and its method, the seed, the
-batch, the processes, the optimizer's kind) cannot change on resume: a checkpoint continued with another
+batch, the processes, DDP or FSDP, the optimizer's kind) cannot change on resume: a checkpoint continued with another
 value would be neither run. Changing one is refused with an error naming the flag, the checkpoint's value
 and the new one. Every other flag takes its new value, logged as `--flag: old -> new`: the length of
 training, the LR and its schedule, the optimizer's hyperparameters, the reallocation schedule, the
@@ -22,7 +22,7 @@ __all__ = ["IDENTITY_FLAGS", "apply_optimizer_flags", "compare_flags"]
 #: flags (argparse destinations) that define the run; `processes` is the number of processes
 IDENTITY_FLAGS = ("model", "pretrained", "model_kwargs", "dataset", "img_size", "num_classes", "train_subset",
                   "sparsity", "method", "distribution", "init", "sparse_stem_and_head", "exclude", "seed",
-                  "batch_size", "grad_accum", "optimizer", "ema", "processes")
+                  "batch_size", "grad_accum", "optimizer", "ema", "fsdp", "processes")
 
 
 _NAMES = {"processes": "the number of processes",

@@ -14,6 +14,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch import nn
 from torch.utils.data import DataLoader
+from train_fsdp import require_process_group, reshard, shard
 from train_runtime import choose_threads, ignore_stop_signals
 
 import dst_prune
@@ -23,7 +24,8 @@ from dst_prune.training.datasets import ShardedEpochSampler, build_datasets
 from dst_prune.training.models import create_model
 from dst_prune.training.run_log import RunLog
 
-__all__ = ["Run", "build_data", "build_model", "evaluate", "lr_lambda", "make_optimizer", "subset"]
+__all__ = ["Run", "build_data", "build_model", "build_sharded_model", "evaluate", "lr_lambda", "make_optimizer",
+           "subset"]
 
 logger = logging.getLogger("train")
 
@@ -41,7 +43,7 @@ class Run:
     total_steps: int
     lr_factor: Callable[[int], float]
     model_arguments: dict
-    model: nn.Module = None  # as prepared by accelerate (DDP, compiled)
+    model: nn.Module = None  # as prepared by accelerate (DDP, compiled); with --fsdp, the sharded model itself
     raw_model: nn.Module = None
     optimizer: object = None
     dst: dst_prune.DynamicSparsity = None
@@ -99,18 +101,27 @@ def evaluate(model: nn.Module, dataset, accelerator: Accelerator, args: argparse
     """Validation loss and accuracy over every rank's share of `dataset`."""
     model.eval()
     shard = torch.arange(accelerator.process_index, len(dataset), accelerator.num_processes)
+    counted = torch.ones(len(shard), dtype=torch.bool)
+    if args.fsdp:  # each forward all-gathers weights (a collective): every rank runs as many samples, padded
+        padding = -(-len(dataset) // accelerator.num_processes) - len(shard)
+        shard = torch.cat([shard, torch.zeros(padding, dtype=shard.dtype)])
+        counted = torch.cat([counted, torch.zeros(padding, dtype=torch.bool)])
     loader = DataLoader(torch.utils.data.Subset(dataset, shard.tolist()), batch_size=256, num_workers=args.workers,
                         worker_init_fn=ignore_stop_signals)
     totals = torch.zeros(3, device=accelerator.device, dtype=torch.float64)
-    for x, y in loader:
-        x, y = x.to(accelerator.device), y.to(accelerator.device)
+    for batch, (x, y) in zip(counted.split(256), loader):
+        x, y, batch = x.to(accelerator.device), y.to(accelerator.device), batch.to(accelerator.device)
         if args.channels_last and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         with accelerator.autocast():
             out = model(x)
+        if args.fsdp:
+            out, y = out[batch], y[batch]  # the padding is not counted
         totals += torch.stack([nn.functional.cross_entropy(out.float(), y, reduction="sum").double(),
                                (out.argmax(1) == y).sum().double(), torch.tensor(len(y), device=y.device).double()])
     totals = accelerator.reduce(totals, "sum")
+    if args.fsdp:
+        reshard(model)  # the root keeps its parameters gathered after a forward without backward
     model.train()
     return {"val_loss": float(totals[0] / totals[2]), "val_accuracy": float(totals[1] / totals[2])}
 
@@ -134,36 +145,66 @@ def build_data(args: argparse.Namespace, accelerator: Accelerator) -> Run:
                lr_lambda(args, total_steps, steps_per_epoch), model_arguments)
 
 
-def build_model(run: Run) -> None:
-    """The model, its optimizer, the DST controller, the LR schedule and the EMA, prepared by accelerate."""
-    args, accelerator = run.args, run.accelerator
+def _apply(run: Run, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dst_prune.DynamicSparsity:
+    """`dst_prune.apply` with the run's flags (the schedule converted from epochs to optimizer steps)."""
+    args = run.args
     steps_per_epoch = run.sampler.batches_per_epoch / args.grad_accum
-    model = create_model(args.model, pretrained=args.pretrained, **run.model_arguments)
-    if args.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(args, model)
     to_step = lambda epochs: max(1, round(epochs * steps_per_epoch))  # noqa: E731
-    run.dst = dst_prune.apply(model, sparsity=args.sparsity, method=args.method, distribution=args.distribution,
-                              init=args.init, exclude=args.exclude, dense_stem_and_head=not args.sparse_stem_and_head,
-                              optimizer=optimizer, update_every=args.update_every, total_steps=run.total_steps,
-                              stop_fraction=args.stop_fraction,
-                              stop_step=to_step(args.stop_epoch) if args.stop_epoch is not None else None,
-                              double_at=[to_step(e) for e in args.double_at_epochs] +
-                              [max(1, round(f * run.total_steps)) for f in args.double_at_fractions], seed=args.seed,
-                              **args.hyperparameters)
-    run.dst.prepare_for_ddp()
-    run.raw_model = model
-    if args.compile:
-        model = torch.compile(model)
-    run.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, run.lr_factor)
-    run.model, run.optimizer = accelerator.prepare(model, optimizer)
-    run.dst.optimizer = run.optimizer
-    if args.ema:
-        from timm.utils import ModelEmaV3
+    return dst_prune.apply(model, sparsity=args.sparsity, method=args.method, distribution=args.distribution,
+                           init=args.init, exclude=args.exclude, dense_stem_and_head=not args.sparse_stem_and_head,
+                           optimizer=optimizer, update_every=args.update_every, total_steps=run.total_steps,
+                           stop_fraction=args.stop_fraction,
+                           stop_step=to_step(args.stop_epoch) if args.stop_epoch is not None else None,
+                           double_at=[to_step(e) for e in args.double_at_epochs] +
+                           [max(1, round(f * run.total_steps)) for f in args.double_at_fractions], seed=args.seed,
+                           **args.hyperparameters)
 
-        run.ema = ModelEmaV3(run.raw_model, decay=args.ema)
-        run.dst.add_copy(run.ema.module)  # the EMA's masks follow the model's after every update
+
+def build_model(run: Run) -> None:
+    """The model, its optimizer, the DST controller, the LR schedule and the EMA, prepared by accelerate.
+
+    With --fsdp: sharded by the script itself (`build_sharded_model`).
+    """
+    args, accelerator = run.args, run.accelerator
+    model = create_model(args.model, pretrained=args.pretrained, **run.model_arguments)
+    if args.channels_last and args.fsdp:
+        logger.info("--channels-last with --fsdp: the inputs are channels-last; the weights stay contiguous, as "
+                    "fully_shard requires")
+    elif args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if args.fsdp:
+        build_sharded_model(run, model)
+    else:
+        optimizer = make_optimizer(args, model)
+        run.dst = _apply(run, model, optimizer)
+        run.dst.prepare_for_ddp()
+        run.raw_model = model
+        if args.compile:
+            model = torch.compile(model)
+        run.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, run.lr_factor)
+        run.model, run.optimizer = accelerator.prepare(model, optimizer)
+        run.dst.optimizer = run.optimizer
+        if args.ema:
+            from timm.utils import ModelEmaV3
+
+            run.ema = ModelEmaV3(run.raw_model, decay=args.ema)
+            run.dst.add_copy(run.ema.module)  # the EMA's masks follow the model's after every update
     threads = choose_threads(args.threads, accelerator.device, sum(p.numel() for p in run.raw_model.parameters()))
     if threads:
         torch.set_num_threads(threads)
         logger.info("%d CPU thread%s per process (--threads)", threads, "s" if threads > 1 else "")
+
+
+def build_sharded_model(run: Run, model: nn.Module) -> None:
+    """--fsdp: `dst_prune.apply` on the unsharded model, `fully_shard` per block and the root, then the optimizer
+    (built on the sharded parameters) handed over to the controller, as docs/fsdp.md documents."""
+    require_process_group(run.accelerator)
+    model.to(run.accelerator.device)
+    run.dst = _apply(run, model, None)
+    names = shard(model, run.dst, run.accelerator.device)
+    logger.info("fully_shard on %d blocks (%s), then the root, across %d processes", len(names),
+                ", ".join(names[:4]) + (", ..." if len(names) > 4 else ""), run.accelerator.num_processes)
+    run.model = run.raw_model = model
+    run.optimizer = make_optimizer(run.args, model)
+    run.dst.optimizer = run.optimizer
+    run.scheduler = torch.optim.lr_scheduler.LambdaLR(run.optimizer, run.lr_factor)

@@ -39,7 +39,8 @@ from ._dcp_files import checkpoint_folder, find_checkpoint
 from ._dcp_reader import read_metadata, verifying_reader, weights_only_planner
 from ._dcp_staging import check_against_masks, check_architecture, empty_like
 
-__all__ = ["CONTROLLER_FILE", "EXTRA_FILE", "controller_state", "find_checkpoint", "load", "load_unsharded", "save"]
+__all__ = ["CONTROLLER_FILE", "EXTRA_FILE", "controller_state", "extra_state", "find_checkpoint", "load",
+           "load_unsharded", "save"]
 
 logger = logging.getLogger(__name__)
 
@@ -166,6 +167,15 @@ def _read_extra(folder: Path, manifest: dict | None) -> dict:
     if not isinstance(extra, dict):
         raise DSTError(f"{folder / EXTRA_FILE} holds a {type(extra).__name__}, not a dict.")
     return extra
+
+
+def extra_state(path: str | os.PathLike) -> dict:
+    """The `extra` dict of the checkpoint `path` names (verified against its manifest), loading nothing.
+
+    What `load` would return, read before it: to check the caller's own state first (`{}` when none was saved).
+    """
+    folder = checkpoint_folder(path)
+    return _read_extra(folder, _manifest(folder))
 
 
 def _read_checked(folder: Path, dst: object) -> tuple:

@@ -66,13 +66,14 @@ class TrainingProgress:
     def state_dict(self) -> dict:
         return {**vars(self), "unlogged_losses": list(self.unlogged_losses)}
 
-    def check(self, state: object) -> None:
+    def check(self, state: object, where: str = "progress.json") -> None:
+        """Refuse a state that is not a training position (`where` names it in the error)."""
         counters = {k: v for k, v in state.items() if k != "unlogged_losses"} if isinstance(state, dict) else {}
         if not isinstance(state, dict) or set(state) != set(vars(self)) or \
                 not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in counters.values()) or \
                 not isinstance(state["unlogged_losses"], list) or \
                 not all(isinstance(v, float) for v in state["unlogged_losses"]):
-            raise DSTError(f"progress.json holds {state!r}; expected non-negative integers for {sorted(counters)} "
+            raise DSTError(f"{where} holds {state!r}; expected non-negative integers for {sorted(counters)} "
                            f"and a list of losses.")
 
     def load_state_dict(self, state: dict) -> None:
