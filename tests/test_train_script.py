@@ -22,7 +22,7 @@ import torch
 
 import dst_prune
 from dst_prune._bits import unpack_bits
-from dst_prune.training import models  # noqa: F401  (registers lenet_300_100 with timm)
+from dst_prune.training.models import register_timm_models
 from dst_prune.training.datasets import ShardedEpochSampler
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -134,6 +134,7 @@ def test_default_main_job_on_bundled_digits(demo):
     # the plain weights load into an untouched model, rebuilt from the arguments summary.json records, and
     # compute what the sparse one does; with the saved masks the sparse model is back, exactly
     arguments = dict(summary["model"])
+    register_timm_models()
     dense = timm.create_model(arguments.pop("name"), **arguments)
     dense.load_state_dict(safetensors.torch.load_file(run / "model.safetensors"))
     sparse = timm.create_model("lenet_300_100", num_classes=10, in_chans=1, img_size=8)
