@@ -22,8 +22,8 @@ import torch
 
 import dst_prune
 from dst_prune._bits import unpack_bits
-from dst_prune.training.models import register_timm_models
 from dst_prune.training.datasets import ShardedEpochSampler
+from dst_prune.training.models import register_timm_models
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "train.py"
