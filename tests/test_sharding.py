@@ -10,10 +10,7 @@ from dst_prune.distributed.fsdp import ShardLayout
 
 
 def layout(shape: tuple[int, ...], offset: tuple[int, ...], local_shape: tuple[int, ...]) -> ShardLayout:
-    result = ShardLayout.__new__(ShardLayout)  # (no mesh needed for the index arithmetic)
-    result.shape, result.offset, result.local_shape = torch.Size(shape), offset, torch.Size(local_shape)
-    result.slices = tuple(slice(o, o + s) for o, s in zip(offset, local_shape))
-    return result
+    return ShardLayout(shape, offset, local_shape)  # (no mesh needed for the index arithmetic)
 
 
 def test_local_indices_match_the_shard_of_a_full_mask():

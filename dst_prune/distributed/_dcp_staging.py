@@ -75,7 +75,7 @@ def check_against_masks(model_state: dict, controller: dict, file: Path) -> None
             raise DSTError(f"{file} has a mask for {name}, which the checkpoint's model does not hold with that "
                            f"shape: the files are of different runs.")
         full = unpack_bits(values, weight.shape)
-        mask = ShardLayout(weight).local_part(full) if is_dtensor(weight) else full
+        mask = ShardLayout.of(weight).local_part(full) if is_dtensor(weight) else full
         local = local_tensor(weight).detach()
         if bool(local[~mask.to(local.device)].any()):
             raise DSTError(f"{name}: its weights in {folder} are non-zero outside the mask saved in {file.name}: "

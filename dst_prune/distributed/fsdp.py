@@ -65,6 +65,14 @@ def local_tensor(tensor: torch.Tensor | None) -> torch.Tensor | None:
     return tensor.to_local() if is_dtensor(tensor) else tensor
 
 
+def _contiguous_strides(shape: torch.Size) -> tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
+
+
 class ShardLayout:
     """Where a rank's shard of a sharded parameter lies in the full tensor (any `Shard(d)` placements).
 
@@ -74,13 +82,21 @@ class ShardLayout:
         offset: the global index of the shard's first element, per dimension.
     """
 
-    def __init__(self, param: torch.Tensor) -> None:
-        self.mesh, self.placements = param.device_mesh, tuple(param.placements)
-        self.shape = torch.Size(param.shape)
-        self.stride = tuple(param.stride())
-        local_shape, offset = local_shape_and_offset(self.shape, self.mesh, self.placements)
-        self.local_shape, self.offset = torch.Size(local_shape), tuple(offset)
+    def __init__(self, shape: torch.Size | tuple[int, ...], offset: tuple[int, ...],
+                 local_shape: torch.Size | tuple[int, ...], *, mesh: object = None, placements: tuple = (),
+                 stride: tuple[int, ...] | None = None) -> None:
+        self.shape, self.local_shape, self.offset = torch.Size(shape), torch.Size(local_shape), tuple(offset)
+        self.mesh, self.placements = mesh, tuple(placements)
+        self.stride = stride if stride is not None else _contiguous_strides(self.shape)
         self.slices = tuple(slice(o, o + s) for o, s in zip(self.offset, self.local_shape))
+
+    @classmethod
+    def of(cls, param: torch.Tensor) -> ShardLayout:
+        """The layout of a sharded parameter (a DTensor): its mesh, placements and this rank's piece."""
+        shape, placements = torch.Size(param.shape), tuple(param.placements)
+        local_shape, offset = local_shape_and_offset(shape, param.device_mesh, placements)
+        return cls(shape, offset, local_shape, mesh=param.device_mesh, placements=placements,
+                   stride=tuple(param.stride()))
 
     def local_part(self, full: torch.Tensor) -> torch.Tensor:
         """This rank's piece of a full tensor of `shape` (a view)."""

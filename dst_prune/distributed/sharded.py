@@ -67,7 +67,7 @@ class ShardedTarget(SparseTarget):
         param = target.param
         if target.sharded or not is_dtensor(param):
             return None
-        sharded = cls(target, ShardLayout(param))
+        sharded = cls(target, ShardLayout.of(param))
         full = target.buffer_mask
         sharded.cache_counts(full)
         target.module._buffers[target.tensor_name + "_mask"] = sharded.layout.local_part(full).contiguous().clone()
