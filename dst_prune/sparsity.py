@@ -89,6 +89,9 @@ class DynamicSparsity(ControllerState, ModelCopies, stats.SparsityReports):
             if missing:
                 logger.warning("the optimizer does not hold %d sparse parameters (e.g. %s); their state "
                                "cannot be reset when they are pruned", len(missing), missing[0])
+            track = getattr(inner, "track_sparse_targets", None)  # dst_prune.optim: state over active weights only
+            if callable(track):
+                track(self.targets)
         self.context.optimizer = optimizer
 
     method = property(lambda self: self.algorithm.name, doc="The method's registered name.")

@@ -1,0 +1,313 @@
+"""`CompactStateOptimizer`: the base of `dst_prune.optim.SGD`, `Adam` and `AdamW`.
+
+A masked model only simulates sparsity: torch's optimizers keep a momentum (SGD) or two moments (Adam) for
+every weight, zeros included. These optimizers keep the per-weight state of a sparse parameter as 1-D tensors
+over its active weights only (plus an int32 index of where they are), and dense state for dense parameters.
+At 90% sparsity that is 1.2 bytes of AdamW state per sparse weight instead of 8.
+
+The update itself is torch's own functional one (`torch.optim.adam.adam`, `torch.optim.sgd.sgd`), run on the
+gathered active weights, gradients and state, and scattered back; every operation is elementwise, so the
+results equal torch's optimizer on the same masked model (zero gradient and zero state leave a weight
+unchanged, which is why the positions outside the mask need no state).
+
+The optimizer learns which parameters are sparse when it is handed to a controller (`dst_prune.apply(model,
+..., optimizer=opt)`, `dst.optimizer = opt`, or a trainer callback doing the same), and finds each mask on its
+module at every step. When the mask's contents changed since the state was laid out (after a controller update,
+an undone update, or a controller `load_state_dict`), the state is remapped lazily at the next step: survivors
+keep theirs, pruned entries go and grown entries start at zero (DESIGN.md rule 3 by construction).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from typing import Any, ClassVar
+
+import torch
+
+from ..errors import DSTError
+from ..sharding import is_dtensor
+from .in_backward import GradientFreeing
+from .layout import SparseSlot, active_indices, flat, memory_order, remap
+from .state_io import check_state_dict, restore_indices, split_indices
+
+__all__ = ["CompactStateOptimizer"]
+
+logger = logging.getLogger(__name__)
+
+INDICES = "active_indices"
+_FSDP2_FIX = ("dst_prune.optim keeps compact state for unsharded parameters only; under FSDP2 use torch's optimizer "
+              "(torch.optim.AdamW etc.), whose state is sharded with the parameters.")
+
+
+class _View:
+    """What one update sees of a parameter: its (active) weights, gradient and state, and how to write back."""
+
+    __slots__ = ("grad", "state", "weights", "write_back")
+
+    def __init__(self, weights: torch.Tensor, grad: torch.Tensor, state: dict,
+                 write_back: Callable[[], None] | None = None) -> None:
+        self.weights, self.grad, self.state, self.write_back = weights, grad, state, write_back
+
+
+class CompactStateOptimizer(torch.optim.Optimizer):
+    """A `torch.optim.Optimizer` whose per-weight state covers only the active weights of sparse parameters.
+
+    Subclasses name their per-weight state tensors (`per_weight`), create them (`init_state`) and run torch's
+    functional update on lists of tensors (`update`).
+
+    Args:
+        params: parameters or parameter groups, as for any torch optimizer.
+        defaults: the hyperparameters' defaults.
+        free_gradients: step each parameter inside backward, as soon as its gradient is ready, and free the
+            gradient (`dst_prune.optim.in_backward`).
+    """
+
+    per_weight: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, params: Iterable, defaults: dict, *, free_gradients: bool = False) -> None:
+        if not isinstance(free_gradients, bool):
+            raise DSTError(f"{type(self).__name__}: free_gradients must be True or False; received "
+                           f"{free_gradients!r}.")
+        self._slots: dict[torch.Tensor, SparseSlot] = {}
+        self._freeing = GradientFreeing(self) if free_gradients else None
+        super().__init__(params, defaults)
+
+    # --- parameters ------------------------------------------------------------------------------------
+    def add_param_group(self, param_group: dict) -> None:
+        """`torch.optim.Optimizer.add_param_group`; refuses parameters sharded by FSDP2 (DTensors)."""
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        sharded = [i for i, p in enumerate(group["params"]) if is_dtensor(p)]
+        if sharded:
+            self.param_groups.pop()
+            names = group.get("param_names")
+            what = repr(names[sharded[0]]) if names else f"parameter {sharded[0]} of the group"
+            raise DSTError(f"{type(self).__name__}: {what} (and {len(sharded) - 1} more) is sharded (a DTensor, "
+                           f"e.g. by FSDP2's fully_shard). {_FSDP2_FIX}")
+        if self._freeing is not None:
+            self._freeing.watch(group["params"])
+
+    def track_sparse_targets(self, targets: Iterable) -> None:
+        """Learn which parameters are sparse: `dst_prune.DynamicSparsity` calls it when handed this optimizer.
+
+        Args:
+            targets: the controller's `SparseTarget`s; those whose parameter this optimizer holds get compact
+                state from the next step on (existing dense state is compacted then).
+
+        Raises:
+            DSTError: a target is sharded (FSDP2); nothing is changed.
+        """
+        held = {p for group in self.param_groups for p in group["params"]}
+        found = []
+        for target in targets:
+            param = target.param
+            if param not in held:
+                continue
+            if target.sharded or is_dtensor(param):
+                raise DSTError(f"{target.name} is sharded (a DTensor, e.g. by FSDP2's fully_shard); "
+                               f"{type(self).__name__} was handed to its controller. {_FSDP2_FIX}")
+            order = memory_order(param)
+            if order is None:  # overlapping or gapped memory: no flat view; it keeps dense state
+                logger.warning("%s has no dense memory layout; its optimizer state stays dense", target.name)
+                continue
+            found.append((param, SparseSlot(target.module, target.tensor_name, target.name, order)))
+        for param, slot in found:
+            if param not in self._slots or self._slots[param].module() is not slot.module():
+                self._slots[param] = slot
+
+    def sparse_parameter_names(self) -> list[str]:
+        """The names of the parameters whose state is (or becomes at the next step) compact."""
+        return [slot.name for slot in self._slots.values()]
+
+    def state_bytes(self) -> int:
+        """Bytes held by the optimizer's state tensors (index maps included)."""
+        return sum(v.numel() * v.element_size() for s in self.state.values() for v in s.values()
+                   if isinstance(v, torch.Tensor))
+
+    def name_of(self, param: torch.Tensor) -> str:
+        """The parameter's name for messages: its sparse name, its `param_names` entry, or its place and shape."""
+        if param in self._slots:
+            return self._slots[param].name
+        for g, group in enumerate(self.param_groups):
+            for i, p in enumerate(group["params"]):
+                if p is param:
+                    names = group.get("param_names")
+                    return names[i] if names else f"parameter {i} of param group {g} (shape {tuple(p.shape)})"
+        return f"a parameter of shape {tuple(param.shape)}"
+
+    # --- stepping ----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One optimizer step (with `free_gradients=True`: finish the step that backward already applied).
+
+        Args:
+            closure: re-evaluates the model and returns the loss (optional, as for torch's optimizers).
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if self._freeing is not None:
+            self._freeing.finish_step()
+            return loss
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            self.step_parameters(group, params, [p.grad for p in params])
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """`torch.optim.Optimizer.zero_grad`; also drops the stand-ins of gradients that `free_gradients` freed."""
+        if self._freeing is not None:
+            self._freeing.forget_gradients()
+        super().zero_grad(set_to_none=set_to_none)
+
+    @torch.no_grad()
+    def step_parameters(self, group: dict, params: list[torch.Tensor], grads: list[torch.Tensor],
+                        grad_indices: list[torch.Tensor | None] | None = None) -> None:
+        """Apply the update to `params` of `group` with their gradients.
+
+        Args:
+            grad_indices: per parameter, None for a dense gradient, else the active positions a compact gradient
+                was gathered at (`free_gradients` holds them so on its first step).
+        """
+        if not params:
+            return
+        for param, grad in zip(params, grads):
+            if grad.is_sparse:
+                raise DSTError(f"{type(self).__name__} does not support sparse gradients ({self.name_of(param)} "
+                               f"has one); use dense gradients (e.g. nn.Embedding(sparse=False)).")
+        grad_indices = grad_indices or [None] * len(params)
+        if self.batches(group, params):
+            views = [self._view(group, p, g, i) for p, g, i in zip(params, grads, grad_indices)]
+            self.update(group, views)
+            for view in views:
+                if view.write_back is not None:
+                    view.write_back()
+            return
+        for param, grad, indices in zip(params, grads, grad_indices):
+            view = self._view(group, param, grad, indices)
+            self.update(group, [view])
+            if view.write_back is not None:
+                view.write_back()
+
+    def batches(self, group: dict, params: list[torch.Tensor]) -> bool:
+        """Whether one call updates all of a group's parameters (foreach/fused), as torch decides it."""
+        if group.get("fused"):
+            return True
+        if group.get("foreach") is not None:
+            return bool(group["foreach"])
+        return all(p.is_cuda for p in params)  # torch's default: foreach on CUDA, per tensor elsewhere
+
+    # --- what a subclass provides ---------------------------------------------------------------------
+    def init_state(self, group: dict, state: dict, like: torch.Tensor) -> None:
+        """Fill a parameter's missing state entries (first step), with tensors shaped like `like`."""
+        raise NotImplementedError
+
+    def update(self, group: dict, views: list[_View]) -> None:
+        """Run the algorithm's update on `views` (weights, gradients and state all of the same lengths)."""
+        raise NotImplementedError
+
+    # --- the compact view --------------------------------------------------------------------------------
+    def _view(self, group: dict, param: torch.Tensor, grad: torch.Tensor,
+              grad_indices: torch.Tensor | None = None) -> _View:
+        state = self.state[param]
+        slot = self._slots.get(param)
+        mask = slot.mask_of(param) if slot is not None else None
+        if mask is None:
+            if slot is not None:  # no longer sparse (dst_prune.remove): the state becomes dense
+                del self._slots[param]
+            if INDICES in state:
+                self._densify(param, state)
+            self.init_state(group, state, param)
+            return _View(param, grad, state)
+        indices = self._lay_out(param, slot, mask, state)
+        weights_flat = flat(param, slot.order)
+        weights = weights_flat.index_select(0, indices)
+        if grad_indices is None:
+            compact_grad = flat(grad, slot.order).index_select(0, indices)
+        elif grad_indices is indices or torch.equal(grad_indices, indices):
+            compact_grad = grad
+        else:  # the mask changed between backward and step: carry the gradient over like the state
+            compact_grad = remap(grad, grad_indices, indices)
+        self.init_state(group, state, weights)
+        return _View(weights, compact_grad, state, lambda: weights_flat.index_copy_(0, indices.long(), weights))
+
+    def _lay_out(self, param: torch.Tensor, slot: SparseSlot, mask: torch.Tensor, state: dict) -> torch.Tensor:
+        """The active positions of `param` now; its state is laid out over them first if the mask was written.
+
+        Survivors keep their state, pruned entries go, grown ones start at zero. A controller zeroes a weight
+        it prunes or grows, also one it prunes and grows back within one update (GraNet's pruning then
+        regrowth, a non-finite weight restarted), which no mask comparison can see: an active weight that is
+        exactly zero after a mask write restarts its state at zero too, as the controller zeroes torch's state.
+        """
+        if slot.unchanged(mask) and INDICES in state:
+            return state[INDICES]
+        new = active_indices(mask, slot.order)
+        old = state.get(INDICES)
+        if old is not None and old.shape == new.shape and torch.equal(old, new):
+            new = old
+        per_weight = [k for k in self.per_weight if isinstance(state.get(k), torch.Tensor)]
+        if per_weight:
+            restarted = flat(param, slot.order).index_select(0, new) == 0
+            for key in per_weight:
+                if old is None:  # dense state from before the hand-over (or from torch's optimizer)
+                    value = flat(state[key], slot.order).index_select(0, new)
+                else:
+                    value = state[key] if new is old else remap(state[key], old, new)
+                state[key] = value.masked_fill_(restarted, 0)
+        if new is not old:
+            logger.debug("%s: optimizer state laid out over %d active weights", slot.name, new.numel())
+        state[INDICES] = new
+        slot.checked(mask)
+        return new
+
+    def gather_gradient(self, param: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`grad` at the active positions of `param` and those positions (None, and `grad` itself, if dense).
+
+        Leaves the state as it is (`free_gradients` holds the first backward's gradients this way).
+        """
+        slot = self._slots.get(param)
+        mask = slot.mask_of(param) if slot is not None else None
+        if mask is None:
+            return grad, None
+        state = self.state.get(param, {})
+        indices = state[INDICES] if slot.unchanged(mask) and INDICES in state else active_indices(mask, slot.order)
+        return flat(grad, slot.order).index_select(0, indices), indices
+
+    def _densify(self, param: torch.Tensor, state: dict) -> None:
+        """Turn compact state back into dense tensors of `param`'s shape (zeros at inactive positions)."""
+        indices = state.pop(INDICES).long()
+        order = memory_order(param)
+        restarted = flat(param, order).index_select(0, indices) == 0  # pruned since the last step (`_lay_out`)
+        for key in self.per_weight:
+            value = state.get(key)
+            if isinstance(value, torch.Tensor):
+                dense = torch.zeros_like(param, dtype=value.dtype)
+                flat(dense, order).index_copy_(0, indices, value.masked_fill(restarted, 0))
+                state[key] = dense
+        logger.info("%s is no longer sparse; its optimizer state is dense again", self.name_of(param))
+
+    # --- checkpoints -------------------------------------------------------------------------------------
+    def load_state_dict(self, state_dict: dict) -> None:
+        """`torch.optim.Optimizer.load_state_dict`, keeping the int index maps of compact state as they are.
+
+        Raises:
+            DSTError: the state does not fit the parameters (compact state whose lengths disagree with its index
+                map, or positions outside the parameter); nothing is changed.
+        """
+        params = [p for group in self.param_groups for p in group["params"]]
+        check_state_dict(state_dict, params, self.per_weight, self.name_of, INDICES)
+        stripped, indices = split_indices(state_dict, INDICES)
+        super().load_state_dict(stripped)
+        restore_indices(self.state, params, indices, INDICES, state_dict)
+        for slot in self._slots.values():
+            slot.seen = None  # compare the loaded state with the masks at the next step
+        if self._freeing is not None:
+            self._freeing.forget_gradients()
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
