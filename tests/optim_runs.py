@@ -59,9 +59,9 @@ class Run:
     """A model, its controller and optimizer, and the masks after every update."""
 
     def __init__(self, make_optimizer: Callable, method: str = "rigl", granularity: str = "element",
-                 scheduler: Callable | None = None, **kwargs: object) -> None:
+                 scheduler: Callable | None = None, named: bool = False, **kwargs: object) -> None:
         self.model = make_model()
-        self.optimizer = make_optimizer(self.model.parameters())
+        self.optimizer = make_optimizer(self.model.named_parameters() if named else self.model.parameters())
         self.dst = sparse(self.model, self.optimizer, method, granularity, **kwargs)
         self.scheduler = scheduler(self.optimizer) if scheduler else None
         self.masks: list[list[torch.Tensor]] = []

@@ -84,7 +84,9 @@ class SpentGradient(torch.Tensor):
 
 def _name(func: object) -> str:
     name = getattr(func, "__name__", None) or str(func)
-    return repr(name if name != "__get__" else f"reading {getattr(func, '__self__', func)}")
+    if name == "__get__":  # a property such as .device
+        name = f".{getattr(getattr(func, '__self__', None), '__name__', '?')}"
+    return repr(name)
 
 
 class _StepHook:
@@ -141,8 +143,10 @@ class GradientFreeing:
         """Checks at the first gradient of a backward, before anything is stepped."""
         if self.awaiting_step:
             param.grad = None  # as it was: the previous backward's gradients were freed
+            done = ("the previous backward's updates are applied already (call optimizer.step() to finish that "
+                    "step); nothing of this backward was. " if self.verified else "")
             raise DSTError(f"a second backward reached {optimizer.name_of(param)} before optimizer.step(): "
-                           f"gradient accumulation. {_CONFLICTS}")
+                           f"gradient accumulation; {done}{_CONFLICTS}")
         try:
             refuse_distributed(self.name)
         except DSTError:
@@ -172,10 +176,16 @@ class GradientFreeing:
         self.in_backward = self.awaiting_step = False
 
     def forget_gradients(self) -> None:
-        """`zero_grad()`: the freed gradients' stand-ins and any gathered, not yet applied gradient go."""
+        """`zero_grad()`: the freed gradients' stand-ins and any gathered, not yet applied gradient go.
+
+        Before the first step nothing was applied, so a new backward may follow; after it, the backward's updates
+        are applied already, and only `optimizer.step()` ends that step.
+        """
         self.pending.clear()
         self._drop_spent()
         self.in_backward = False
+        if not self.verified:
+            self.awaiting_step = False
 
     def _drop_spent(self) -> None:
         for param in self.spent:
