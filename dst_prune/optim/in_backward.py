@@ -33,7 +33,8 @@ __all__ = ["GradientFreeing", "SpentGradient"]
 _CONFLICTS = ("free_gradients=True steps each parameter inside backward and frees its gradient at once, so "
               "nothing can use the gradients between backward and optimizer.step(): no gradient accumulation (a "
               "second backward before step), no clipping by the global norm (clip_grad_norm_, a trainer's "
-              "max_grad_norm or gradient_clip_val), no torch.amp.GradScaler, no reading of .grad. Use "
+              "max_grad_norm or gradient_clip_val; also the norm a trainer logs, as transformers' Trainer does at "
+              "every step), no torch.amp.GradScaler, no reading of .grad. Use "
               "free_gradients=False for such a loop (the optimizer state stays compact).")
 
 
