@@ -21,36 +21,26 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 
 from ..errors import DSTError
 from ..sharding import is_dtensor
 from .in_backward import GradientFreeing
-from .layout import SparseSlot, active_indices, flat, memory_order, remap
+from .layout import SparseSlot, memory_order
 from .state_io import check_state_dict, restore_indices, split_indices
+from .views import INDICES, CompactViews, View
 
 __all__ = ["CompactStateOptimizer"]
 
 logger = logging.getLogger(__name__)
 
-INDICES = "active_indices"
 _FSDP2_FIX = ("dst_prune.optim keeps compact state for unsharded parameters only; under FSDP2 use torch's optimizer "
               "(torch.optim.AdamW etc.), whose state is sharded with the parameters.")
 
 
-class _View:
-    """What one update sees of a parameter: its (active) weights, gradient and state, and how to write back."""
-
-    __slots__ = ("grad", "state", "weights", "write_back")
-
-    def __init__(self, weights: torch.Tensor, grad: torch.Tensor, state: dict,
-                 write_back: Callable[[], None] | None = None) -> None:
-        self.weights, self.grad, self.state, self.write_back = weights, grad, state, write_back
-
-
-class CompactStateOptimizer(torch.optim.Optimizer):
+class CompactStateOptimizer(CompactViews, torch.optim.Optimizer):
     """A `torch.optim.Optimizer` whose per-weight state covers only the active weights of sparse parameters.
 
     Subclasses name their per-weight state tensors (`per_weight`), create them (`init_state`) and run torch's
@@ -62,8 +52,6 @@ class CompactStateOptimizer(torch.optim.Optimizer):
         free_gradients: step each parameter inside backward, as soon as its gradient is ready, and free the
             gradient (`dst_prune.optim.in_backward`).
     """
-
-    per_weight: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, params: Iterable, defaults: dict, *, free_gradients: bool = False) -> None:
         if not isinstance(free_gradients, bool):
@@ -187,7 +175,7 @@ class CompactStateOptimizer(torch.optim.Optimizer):
             return
         for param, grad, indices in zip(params, grads, grad_indices):
             view = self._view(group, param, grad, indices)
-            self.update(group, [view])
+            self._update_in_pieces(group, view)
             if view.write_back is not None:
                 view.write_back()
 
@@ -204,89 +192,13 @@ class CompactStateOptimizer(torch.optim.Optimizer):
         """Fill a parameter's missing state entries (first step), with tensors shaped like `like`."""
         raise NotImplementedError
 
-    def update(self, group: dict, views: list[_View]) -> None:
+    def has_state(self, group: dict, state: dict) -> bool:
+        """Whether every state tensor the update reads exists already (else it is made from the first gradient)."""
+        return True
+
+    def update(self, group: dict, views: list[View]) -> None:
         """Run the algorithm's update on `views` (weights, gradients and state all of the same lengths)."""
         raise NotImplementedError
-
-    # --- the compact view --------------------------------------------------------------------------------
-    def _view(self, group: dict, param: torch.Tensor, grad: torch.Tensor,
-              grad_indices: torch.Tensor | None = None) -> _View:
-        state = self.state[param]
-        slot = self._slots.get(param)
-        mask = slot.mask_of(param) if slot is not None else None
-        if mask is None:
-            if slot is not None:  # no longer sparse (dst_prune.remove): the state becomes dense
-                del self._slots[param]
-            if INDICES in state:
-                self._densify(param, state)
-            self.init_state(group, state, param)
-            return _View(param, grad, state)
-        indices = self._lay_out(param, slot, mask, state)
-        weights_flat = flat(param, slot.order)
-        weights = weights_flat.index_select(0, indices)
-        if grad_indices is None:
-            compact_grad = flat(grad, slot.order).index_select(0, indices)
-        elif grad_indices is indices or torch.equal(grad_indices, indices):
-            compact_grad = grad
-        else:  # the mask changed between backward and step: carry the gradient over like the state
-            compact_grad = remap(grad, grad_indices, indices)
-        self.init_state(group, state, weights)
-        return _View(weights, compact_grad, state, lambda: weights_flat.index_copy_(0, indices.long(), weights))
-
-    def _lay_out(self, param: torch.Tensor, slot: SparseSlot, mask: torch.Tensor, state: dict) -> torch.Tensor:
-        """The active positions of `param` now; its state is laid out over them first if the mask was written.
-
-        Survivors keep their state, pruned entries go, grown ones start at zero. A controller zeroes a weight
-        it prunes or grows, also one it prunes and grows back within one update (GraNet's pruning then
-        regrowth, a non-finite weight restarted), which no mask comparison can see: an active weight that is
-        exactly zero after a mask write restarts its state at zero too, as the controller zeroes torch's state.
-        """
-        if slot.unchanged(mask) and INDICES in state:
-            return state[INDICES]
-        new = active_indices(mask, slot.order)
-        old = state.get(INDICES)
-        if old is not None and old.shape == new.shape and torch.equal(old, new):
-            new = old
-        per_weight = [k for k in self.per_weight if isinstance(state.get(k), torch.Tensor)]
-        if per_weight:
-            restarted = flat(param, slot.order).index_select(0, new) == 0
-            for key in per_weight:
-                if old is None:  # dense state from before the hand-over (or from torch's optimizer)
-                    value = flat(state[key], slot.order).index_select(0, new)
-                else:
-                    value = state[key] if new is old else remap(state[key], old, new)
-                state[key] = value.masked_fill_(restarted, 0)
-        if new is not old:
-            logger.debug("%s: optimizer state laid out over %d active weights", slot.name, new.numel())
-        state[INDICES] = new
-        slot.checked(mask)
-        return new
-
-    def gather_gradient(self, param: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """`grad` at the active positions of `param` and those positions (None, and `grad` itself, if dense).
-
-        Leaves the state as it is (`free_gradients` holds the first backward's gradients this way).
-        """
-        slot = self._slots.get(param)
-        mask = slot.mask_of(param) if slot is not None else None
-        if mask is None:
-            return grad, None
-        state = self.state.get(param, {})
-        indices = state[INDICES] if slot.unchanged(mask) and INDICES in state else active_indices(mask, slot.order)
-        return flat(grad, slot.order).index_select(0, indices), indices
-
-    def _densify(self, param: torch.Tensor, state: dict) -> None:
-        """Turn compact state back into dense tensors of `param`'s shape (zeros at inactive positions)."""
-        indices = state.pop(INDICES).long()
-        order = memory_order(param)
-        restarted = flat(param, order).index_select(0, indices) == 0  # pruned since the last step (`_lay_out`)
-        for key in self.per_weight:
-            value = state.get(key)
-            if isinstance(value, torch.Tensor):
-                dense = torch.zeros_like(param, dtype=value.dtype)
-                flat(dense, order).index_copy_(0, indices, value.masked_fill(restarted, 0))
-                state[key] = dense
-        logger.info("%s is no longer sparse; its optimizer state is dense again", self.name_of(param))
 
     # --- checkpoints -------------------------------------------------------------------------------------
     def load_state_dict(self, state_dict: dict) -> None:

@@ -47,6 +47,9 @@ class SGD(CompactStateOptimizer):
     def init_state(self, group: dict, state: dict, like: torch.Tensor) -> None:
         """Nothing: torch's `sgd` makes the momentum buffer from the first gradient."""
 
+    def has_state(self, group: dict, state: dict) -> bool:
+        return group["momentum"] == 0 or "momentum_buffer" in state
+
     def update(self, group: dict, views: list) -> None:
         buffers = [v.state.get("momentum_buffer") for v in views]
         sgd([v.weights for v in views], [v.grad for v in views], buffers, has_sparse_grad=False,
