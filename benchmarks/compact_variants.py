@@ -98,8 +98,8 @@ class Variant:
                    if isinstance(v, torch.Tensor))
 
     def fingerprint(self) -> list[float]:
-        """Per parameter, the float64 sum of its (effective) weights: compares runs across processes."""
-        return [float(p.detach().double().sum()) for p in self.model.parameters()]
+        """Per parameter, the float64 sum of its weights' magnitudes: compares runs across processes."""
+        return [float(p.detach().double().abs().sum()) for p in self.model.parameters()]
 
 
 def n_sparse(model: nn.Module) -> int:

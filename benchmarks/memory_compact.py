@@ -148,8 +148,9 @@ def main(argv: list[str] | None = None) -> dict:
           f"dst_prune method {args.method}, update every {args.update_every} steps")
     print(table(["model", "variant", "sparsity", "peak MiB", "x dense", "ideal x", "step ms", "opt ms"],
                 [[r["model"], r["variant"], f"{r['sparsity']:g}", *([r["error"], "", "", "", ""] if "error" in r else
-                  [f"{r['peak_bytes'] / 2**20:.0f}", f"{r['ratio_to_dense']:.3f}", f"{r['ideal_ratio']:.3f}",
-                   f"{r['step_ms']:.0f}", f"{r['optimizer_ms']:.1f}"])] for r in results]))
+                  [f"{r['peak_bytes'] / 2**20:.0f}", f"{r.get('ratio_to_dense', float('nan')):.3f}",
+                   f"{r.get('ideal_ratio', float('nan')):.3f}", f"{r['step_ms']:.0f}",
+                   f"{r['optimizer_ms']:.1f}"])] for r in results]))
     for model_name, timing in timings.items():
         if "error" in timing:
             print(f"{model_name} timing failed: {timing['error']}")
