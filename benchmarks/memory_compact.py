@@ -115,6 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="tiny models, one sparsity (a smoke test)")
     parser.add_argument("--output", type=Path, default=HERE / "out" / "memory_compact.json")
+    parser.add_argument("--render", type=Path, help="only write the tables (.md) of this JSON again")
     parser.add_argument("--one", nargs=3, metavar=("MODEL", "VARIANT", "SPARSITY"), help=argparse.SUPPRESS)
     parser.add_argument("--time", nargs=2, metavar=("MODEL", "SPARSITY"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -124,6 +125,10 @@ def main(argv: list[str] | None = None) -> dict:
     if args.time:
         print(json.dumps(interleaved(args.time[0], float(args.time[1]), args)))
         return {}
+    if args.render:
+        payload = json.loads(args.render.read_text())
+        args.render.with_suffix(".md").write_text(markdown(payload))
+        return payload
     if args.quick:
         args.sparsities, args.warmup, args.steps, args.rounds = [0.9], 1, 3, min(args.rounds, 2)
         args.update_every = 2
@@ -161,7 +166,44 @@ def main(argv: list[str] | None = None) -> dict:
                       f"{t['step_ratio_to_masked']:.3f}", f"{t['optimizer_ms']:.1f}",
                       f"{t['optimizer_ratio_to_dense']:.3f}"] for v, t in timing.items()]))
     _plot(results, args.output.with_suffix(".png"))
+    args.output.with_suffix(".md").write_text(markdown(payload))
     return payload
+
+
+def markdown(payload: dict) -> str:
+    """The published tables: peak memory per variant and sparsity (ratio to dense), and the timing at 90%."""
+    args, results = payload["arguments"], payload["results"]
+    sparsities = sorted({r["sparsity"] for r in results if r["variant"] != "dense"})
+    lines = ["| model | variant | " + " | ".join(f"sparsity {s:g}" for s in sparsities) + " |",
+             "|---|---|" + "---|" * len(sparsities)]
+    for model in dict.fromkeys(r["model"] for r in results):
+        rows = [r for r in results if r["model"] == model]
+        for variant in dict.fromkeys(r["variant"] for r in rows):
+            of = {r["sparsity"]: r for r in rows if r["variant"] == variant}
+            if variant == "dense":
+                cells = ["fails" if "error" in of[0.0] else f"{of[0.0]['peak_bytes'] / 2**20:.0f} MiB"]
+                cells += ["(the same)"] * (len(sparsities) - 1)
+            else:
+                cells = ["" if s not in of else "fails" if "error" in of[s] else
+                         f"{of[s]['peak_bytes'] / 2**20:.0f} MiB ({of[s].get('ratio_to_dense', float('nan')):.2f}x)"
+                         for s in sparsities]
+            lines.append(f"| {model} | {variant} | " + " | ".join(cells) + " |")
+        ideal = {r["sparsity"]: r["ideal_ratio"] for r in rows if r["variant"] == "masked" and "ideal_ratio" in r}
+        if ideal:
+            lines.append(f"| {model} | ideal | " + " | ".join(f"({ideal[s]:.2f}x)" if s in ideal else ""
+                                                               for s in sparsities) + " |")
+    lines += ["", "Time per step at sparsity 0.9, medians of interleaved rounds (no update in them):", "",
+              "| model | variant | step ms | x dense | x masked | optimizer.step() ms | x dense |",
+              "|---|---" + "|---" * 5 + "|"]
+    for model, timing in payload["timing_at_0.9"].items():
+        for variant, t in ({} if "error" in timing else timing).items():
+            lines.append(f"| {model} | {variant} | {t['step_ms']:.0f} | {t['step_ratio_to_dense']:.2f} | "
+                         f"{t['step_ratio_to_masked']:.2f} | {t['optimizer_ms']:.1f} | "
+                         f"{t['optimizer_ratio_to_dense']:.2f} |")
+    lines += ["", f"*`benchmarks/results/{Path(args['output']).name}`: measured on {payload['machine']}; "
+                  f"commit {payload['commit']}; dst_prune `method=\"{args['method']}\"`, an update every "
+                  f"{args['update_every']} steps, {args['warmup']} + {args['steps']} steps per process.*"]
+    return "\n".join(lines) + "\n"
 
 
 def _ratios(results: list[dict], timings: dict) -> None:

@@ -173,11 +173,17 @@ class CompactStateOptimizer(CompactViews, torch.optim.Optimizer):
                 if view.write_back is not None:
                     view.write_back()
             return
+        small = []  # dense tensors of at most a piece: one call for all, as torch's single-tensor loop
         for param, grad, indices in zip(params, grads, grad_indices):
             view = self._view(group, param, grad, indices)
+            if view.write_back is None and view.weights.numel() <= self.piece_elements:
+                small.append(view)
+                continue
             self._update_in_pieces(group, view)
             if view.write_back is not None:
                 view.write_back()
+        if small:
+            self.update(group, small)
 
     def batches(self, group: dict, params: list[torch.Tensor]) -> bool:
         """Whether one call updates all of a group's parameters (foreach/fused), as torch decides it."""

@@ -59,16 +59,17 @@ class CompactViews:
             self.init_state(group, state, param)
             return View(param, grad, state)
         indices = self._lay_out(param, slot, mask, state)
+        positions = indices.long()  # (take and put_ are the fastest gather and scatter on CPU; they need int64)
         weights_flat = flat(param, slot.order)
-        weights = weights_flat.index_select(0, indices)
+        weights = torch.take(weights_flat, positions)
         if grad_indices is None:
-            compact_grad = flat(grad, slot.order).index_select(0, indices)
+            compact_grad = torch.take(flat(grad, slot.order), positions)
         elif grad_indices is indices or torch.equal(grad_indices, indices):
             compact_grad = grad
         else:  # the mask changed between backward and step: carry the gradient over like the state
             compact_grad = remap(grad, grad_indices, indices)
         self.init_state(group, state, weights)
-        return View(weights, compact_grad, state, lambda: weights_flat.index_copy_(0, indices.long(), weights))
+        return View(weights, compact_grad, state, lambda: weights_flat.put_(positions, weights))
 
     def _lay_out(self, param: torch.Tensor, slot: SparseSlot, mask: torch.Tensor, state: dict) -> torch.Tensor:
         """The active positions of `param` now; its state is laid out over them first if the mask was written.
