@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import machine, table, write_json
+from common import commit, machine, table, write_json
 from compact_variants import MODELS, SPARSE, VARIANTS, Variant, n_sparse
 
 HERE = Path(__file__).resolve().parent
@@ -75,20 +75,30 @@ def measure(model_name: str, variant: str, sparsity: float, args: argparse.Names
 
 
 def interleaved(model_name: str, sparsity: float, args: argparse.Namespace) -> dict:
-    """Step and optimizer times of `TIMED`, built in this process and run in rotating interleaved rounds."""
+    """Step and optimizer times of `TIMED`, built in this process and run in rotating interleaved rounds.
+
+    Then `optimizer.step()` alone, again in rotating rounds (3 per step round), on the gradients of each variant's
+    last step (compact_free has none left: its update ran inside backward).
+    """
     torch.set_num_threads(args.threads)
     runs = {v: Variant(v, MODELS[model_name](args.quick), sparsity, args.method, 10**9) for v in TIMED}
-    samples = {v: ([], []) for v in TIMED}
+    steps: dict[str, list[float]] = {v: [] for v in TIMED}
     for round_ in range(args.warmup + args.rounds):
-        order = TIMED[round_ % len(TIMED):] + TIMED[:round_ % len(TIMED)]
-        for name in order:
+        for name in TIMED[round_ % len(TIMED):] + TIMED[:round_ % len(TIMED)]:
             start = time.perf_counter()
             runs[name].step()
             if round_ >= args.warmup:
-                samples[name][0].append(time.perf_counter() - start)
-                samples[name][1].append(runs[name].optimizer_seconds)
-    return {v: {"step_ms": 1000 * statistics.median(s), "optimizer_ms": 1000 * statistics.median(o),
-                "rounds": len(s)} for v, (s, o) in samples.items()}
+                steps[name].append(time.perf_counter() - start)
+    alone = [v for v in TIMED if v != "compact_free"]
+    optimizer: dict[str, list[float]] = {v: [] for v in TIMED}
+    for round_ in range(3 * args.rounds):
+        for name in alone[round_ % len(alone):] + alone[:round_ % len(alone)]:
+            start = time.perf_counter()
+            runs[name].optimizer.step()
+            optimizer[name].append(time.perf_counter() - start)
+    optimizer["compact_free"] = [runs["compact_free"].optimizer_seconds]
+    return {v: {"step_ms": 1000 * statistics.median(steps[v]), "optimizer_ms": 1000 * statistics.median(optimizer[v]),
+                "rounds": len(steps[v]), "optimizer_rounds": len(optimizer[v])} for v in TIMED}
 
 
 def child(arguments: list[str], args: argparse.Namespace) -> dict:
@@ -116,6 +126,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="tiny models, one sparsity (a smoke test)")
     parser.add_argument("--output", type=Path, default=HERE / "out" / "memory_compact.json")
     parser.add_argument("--render", type=Path, help="only write the tables (.md) of this JSON again")
+    parser.add_argument("--timing-only", type=Path, help="only measure the times again, into this JSON")
     parser.add_argument("--one", nargs=3, metavar=("MODEL", "VARIANT", "SPARSITY"), help=argparse.SUPPRESS)
     parser.add_argument("--time", nargs=2, metavar=("MODEL", "SPARSITY"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -129,6 +140,8 @@ def main(argv: list[str] | None = None) -> dict:
         payload = json.loads(args.render.read_text())
         args.render.with_suffix(".md").write_text(markdown(payload))
         return payload
+    if args.timing_only:
+        return _timing_again(args)
     if args.quick:
         args.sparsities, args.warmup, args.steps, args.rounds = [0.9], 1, 3, min(args.rounds, 2)
         args.update_every = 2
@@ -192,7 +205,8 @@ def markdown(payload: dict) -> str:
         if ideal:
             lines.append(f"| {model} | ideal | " + " | ".join(f"({ideal[s]:.2f}x)" if s in ideal else ""
                                                                for s in sparsities) + " |")
-    lines += ["", "Time per step at sparsity 0.9, medians of interleaved rounds (no update in them):", "",
+    lines += ["", ("Time per step at sparsity 0.9, medians of interleaved rounds without updates; `optimizer.step()` "
+               "alone, medians of its own interleaved rounds (compact_free: what is left after backward):"), "",
               "| model | variant | step ms | x dense | x masked | optimizer.step() ms | x dense |",
               "|---|---" + "|---" * 5 + "|"]
     for model, timing in payload["timing_at_0.9"].items():
@@ -202,8 +216,23 @@ def markdown(payload: dict) -> str:
                          f"{t['optimizer_ratio_to_dense']:.2f} |")
     lines += ["", f"*`benchmarks/results/{Path(args['output']).name}`: measured on {payload['machine']}; "
                   f"commit {payload['commit']}; dst_prune `method=\"{args['method']}\"`, an update every "
-                  f"{args['update_every']} steps, {args['warmup']} + {args['steps']} steps per process.*"]
+                  f"{args['update_every']} steps, {args['warmup']} + {args['steps']} steps per process"
+                  + (f"; times measured at commit {payload['timing_commit']}" if payload.get("timing_commit") else "")
+                  + ".*"]
     return "\n".join(lines) + "\n"
+
+
+def _timing_again(args: argparse.Namespace) -> dict:
+    """Measure the interleaved times of an existing report again (its memory part stays, with its commit)."""
+    payload = json.loads(args.timing_only.read_text())
+    timings = {m: child(["--time", m, "0.9"], args) for m in dict.fromkeys(r["model"] for r in payload["results"])}
+    _ratios([], timings)
+    payload.update({"timing_at_0.9": timings, "timing_commit": commit(), "timing_threads": args.threads,
+                    "timing_rounds": args.rounds})
+    write_json(args.timing_only, payload)
+    args.timing_only.with_suffix(".md").write_text(markdown(payload))
+    print(args.timing_only.with_suffix(".md").read_text())
+    return payload
 
 
 def _ratios(results: list[dict], timings: dict) -> None:

@@ -137,3 +137,24 @@ def test_reading_a_freed_gradient_names_the_parameter_and_the_conflicts():
 def test_construction_refuses_anything_but_a_bool():
     with pytest.raises(dst_prune.DSTError, match="free_gradients must be True or False; received 1"):
         dst_prune.optim.SGD(make_model().parameters(), lr=0.1, free_gradients=1)
+
+
+def test_a_parameter_unfrozen_after_construction_is_stepped_at_step():
+    def run(make):
+        model = make_model()
+        model[0].weight.requires_grad_(False)  # frozen when the optimizer is built: no hook
+        optimizer = make(model.parameters())
+        dst = sparse(model, optimizer, "set", dense_stem_and_head=True)
+        model[0].weight.requires_grad_(True)
+        for step in range(4):
+            x, y = batch(step)
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+            dst.step()
+        return model
+
+    ours, theirs = run(free("sgd")), run(OPTIMIZERS["sgd"][0])
+    assert not torch.equal(ours[0].weight, make_model()[0].weight)  # it trained
+    for a, b in zip(ours.parameters(), theirs.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)

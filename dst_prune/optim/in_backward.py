@@ -165,12 +165,14 @@ class GradientFreeing:
     def finish_step(self) -> None:
         """Apply what the first backward gathered (once), then drop the stand-ins of the freed gradients."""
         optimizer = self.optimizer()
-        if self.pending and optimizer is not None:
-            pending, self.pending = self.pending, {}
-            for group in optimizer.param_groups:
-                params = [p for p in group["params"] if p in pending]
-                optimizer.step_parameters(group, params, [pending[p][0] for p in params],
-                                          [pending[p][1] for p in params])
+        pending, self.pending = self.pending, {}
+        for group in optimizer.param_groups if optimizer is not None else ():
+            params = [p for p in group["params"] if p in pending]
+            optimizer.step_parameters(group, params, [pending[p][0] for p in params], [pending[p][1] for p in params])
+            # parameters without a hook (frozen at construction, unfrozen since) are stepped here, as usual
+            unwatched = [p for p in group["params"] if p not in pending and p.grad is not None
+                         and not isinstance(p.grad, SpentGradient)]
+            optimizer.step_parameters(group, unwatched, [p.grad for p in unwatched])
         if self.awaiting_step:
             self.verified = True
         self._drop_spent()
