@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="tiny models, one sparsity (a smoke test)")
     parser.add_argument("--output", type=Path, default=HERE / "out" / "memory_compact.json")
-    parser.add_argument("--render", type=Path, help="only write the tables (.md) of this JSON again")
+    parser.add_argument("--render", type=Path, help="only draw the tables (.md) and plot (.png) of this JSON again")
     parser.add_argument("--timing-only", type=Path, help="only measure the times again, into this JSON")
     parser.add_argument("--one", nargs=3, metavar=("MODEL", "VARIANT", "SPARSITY"), help=argparse.SUPPRESS)
     parser.add_argument("--time", nargs=2, metavar=("MODEL", "SPARSITY"), help=argparse.SUPPRESS)
@@ -139,6 +139,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.render:
         payload = json.loads(args.render.read_text())
         args.render.with_suffix(".md").write_text(markdown(payload))
+        _plot(payload["results"], args.render.with_suffix(".png"))
         return payload
     if args.timing_only:
         return _timing_again(args)
@@ -205,12 +206,15 @@ def markdown(payload: dict) -> str:
         if ideal:
             lines.append(f"| {model} | ideal | " + " | ".join(f"({ideal[s]:.2f}x)" if s in ideal else ""
                                                                for s in sparsities) + " |")
-    lines += ["", ("Time per step at sparsity 0.9, medians of interleaved rounds without updates; `optimizer.step()` "
-               "alone, medians of its own interleaved rounds (compact_free: what is left after backward):"), "",
-              "| model | variant | step ms | x dense | x masked | optimizer.step() ms | x dense |",
-              "|---|---" + "|---" * 5 + "|"]
-    for model, timing in payload["timing_at_0.9"].items():
-        for variant, t in ({} if "error" in timing else timing).items():
+    timed = {m: t for m, t in payload["timing_at_0.9"].items() if "error" not in t}
+    if timed:
+        lines += ["", "Time per step at sparsity 0.9, medians of interleaved rounds without updates; "
+                  "`optimizer.step()` alone, medians of its own interleaved rounds (compact_free: what is left after "
+                  "backward):", "",
+                  "| model | variant | step ms | x dense | x masked | optimizer.step() ms | x dense |",
+                  "|---|---" + "|---" * 5 + "|"]
+    for model, timing in timed.items():
+        for variant, t in timing.items():
             lines.append(f"| {model} | {variant} | {t['step_ms']:.0f} | {t['step_ratio_to_dense']:.2f} | "
                          f"{t['step_ratio_to_masked']:.2f} | {t['optimizer_ms']:.1f} | "
                          f"{t['optimizer_ratio_to_dense']:.2f} |")
@@ -266,7 +270,7 @@ def _plot(results: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     models = list(dict.fromkeys(r["model"] for r in results))
-    figure, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.2), squeeze=False)
+    figure, axes = plt.subplots(1, len(models), figsize=(7.2 * len(models), 4.2), squeeze=False)
     for axis, model in zip(axes[0], models):
         rows = [r for r in results if r["model"] == model and "error" not in r]
         dense = next((r for r in rows if r["variant"] == "dense"), None)
@@ -282,7 +286,7 @@ def _plot(results: list[dict], path: Path) -> None:
                 axis.plot(*zip(*ideal), color="gray", linestyle=":", label="ideal")
         axis.set(title=model, xlabel="sparsity", ylabel="peak training memory above baseline (MiB)")
         axis.set_ylim(bottom=0)
-        axis.legend(fontsize=8)
+        axis.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
