@@ -20,7 +20,7 @@ from .._bits import pack_bits
 from .._masking.gradients import arm, disarm
 from .._masking.masked_weight import zero_outside
 from .._masking.target import SparseTarget
-from .._optimizer_state import require_optimizer
+from .._optimizer_state import Optimizers, require_optimizer
 from .._validation import check_int
 from ..algorithms.base import SparseAlgorithm
 from ..algorithms.context import SparsityContext
@@ -99,6 +99,10 @@ class DynamicSparsity:
             if missing:
                 logger.warning("the optimizer does not hold %d sparse parameters (e.g. %s); their state "
                                "cannot be reset when they are pruned", len(missing), missing[0])
+            for each in inner.optimizers if isinstance(inner, Optimizers) else [inner]:
+                track = getattr(each, "track_sparse_targets", None)  # dst_prune.optim: state at active weights only
+                if callable(track):
+                    track(self.targets)
         self.context.optimizer = optimizer
 
     method = property(lambda self: self.algorithm.name, doc="The method's registered name.")
