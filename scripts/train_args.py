@@ -127,7 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop after this many optimizer steps (default: --epochs)")
     o.add_argument("--batch-size", type=POSITIVE, default=32, help="per process and micro-batch")
     o.add_argument("--grad-accum", type=POSITIVE, default=1, help="micro-batches per optimizer step")
-    o.add_argument("--optimizer", default="sgd", choices=["sgd", "adam", "adamw"], help="the optimizer")
+    o.add_argument("--optimizer", default="sgd", choices=OPTIMIZERS,
+                   help="the optimizer: torch's, or dst_prune.optim's (compact-*), whose state covers the active "
+                        "weights of sparse layers only (less memory, the same results)")
+    o.add_argument("--free-gradients", action="store_true",
+                   help="with a compact-* optimizer: step each parameter inside backward and free its gradient at "
+                        "once (one process, no --grad-accum, --clip-grad or fp16)")
     o.add_argument("--lr", type=POSITIVE_FLOAT, default=0.1, help="learning rate")
     o.add_argument("--momentum", type=_bounded(float, 0, "a number >= 0"), default=0.9, help="SGD momentum")
     o.add_argument("--nesterov", action="store_true", help="Nesterov momentum")
@@ -177,6 +182,26 @@ def _check_output_dir(parser: argparse.ArgumentParser, path: Path) -> None:
             return
 
 
+OPTIMIZERS = ["sgd", "adam", "adamw", "compact-sgd", "compact-adam", "compact-adamw"]
+
+
+def _check_optimizer_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Usage errors for what dst_prune.optim cannot do (it would refuse the same at construction)."""
+    compact = args.optimizer.startswith("compact-")
+    if compact and args.fsdp:
+        parser.error(f"--optimizer {args.optimizer} keeps compact state of whole parameters; FSDP2's sharded "
+                     f"parameters need torch's optimizers: pass --optimizer {args.optimizer.removeprefix('compact-')}")
+    if args.free_gradients and not compact:
+        parser.error(f"--free-gradients needs a compact-* optimizer (it is dst_prune.optim's); received --optimizer "
+                     f"{args.optimizer}")
+    if args.free_gradients:
+        conflicts = [flag for flag, on in (("--grad-accum", args.grad_accum > 1), ("--clip-grad", args.clip_grad),
+                                           ("--mixed-precision fp16", args.mixed_precision == "fp16")) if on]
+        if conflicts:
+            parser.error(f"--free-gradients frees each gradient as soon as it is applied, so {', '.join(conflicts)} "
+                         f"(which read or keep gradients) cannot run with it; drop one of them")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -187,6 +212,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.output_dir = Path("runs") / f"{args.dataset}-{args.model.replace(':', '_')}-{args.method}-{args.sparsity}"
     _check_output_dir(parser, args.output_dir)
     check_fsdp_flags(parser, args)
+    _check_optimizer_flags(parser, args)
     schedule = DEFAULT_SCHEDULES.get(args.method, {})
     if args.stop_fraction is None and args.stop_epoch is None:
         args.stop_fraction = schedule.get("stop_fraction")

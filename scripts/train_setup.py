@@ -18,6 +18,7 @@ from train_fsdp import require_process_group, reshard, shard
 from train_runtime import choose_threads, ignore_stop_signals
 
 import dst_prune
+import dst_prune.optim
 from dst_prune.training.checkpoints import TrainingProgress
 from dst_prune.training.data import resolve_data_root
 from dst_prune.training.datasets import ShardedEpochSampler, build_datasets
@@ -89,6 +90,12 @@ def lr_lambda(args: argparse.Namespace, total_steps: int, steps_per_epoch: float
 
 
 def make_optimizer(args: argparse.Namespace, model: nn.Module) -> torch.optim.Optimizer:
+    """The optimizer `--optimizer` names: torch's, or dst_prune.optim's compact one (`compact-*`)."""
+    if args.optimizer.startswith("compact-"):
+        kind = args.optimizer.removeprefix("compact-")
+        extra = {"momentum": args.momentum, "nesterov": args.nesterov} if kind == "sgd" else {}
+        return dst_prune.optim.create(kind, model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
+                                      free_gradients=args.free_gradients, **extra)
     if args.optimizer == "sgd":
         return torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, nesterov=args.nesterov,
                                weight_decay=args.weight_decay)
