@@ -3,6 +3,7 @@ scripts/train.py."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -15,9 +16,13 @@ pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="needs make
 
 
 def dry_run(*arguments: str) -> list[str]:
-    """The commands `make -n` would run (the install recipe included: `-W pyproject.toml` makes it look due)."""
-    result = subprocess.run(["make", "-n", "-W", "pyproject.toml", *arguments], cwd=ROOT, capture_output=True,
-                            text=True, timeout=60, check=True)
+    """The commands `make -n` would run (the install recipe included: `-W pyproject.toml` makes it look due).
+
+    Run under `make test`, the child make would inherit MAKEFLAGS/MAKELEVEL and print "Entering directory" lines:
+    the environment is cleaned and `--no-print-directory` given so only the commands come back."""
+    env = {key: value for key, value in os.environ.items() if key not in {"MAKEFLAGS", "MAKELEVEL", "MFLAGS"}}
+    result = subprocess.run(["make", "--no-print-directory", "-n", "-W", "pyproject.toml", *arguments], cwd=ROOT,
+                            env=env, capture_output=True, text=True, timeout=60, check=True)
     return result.stdout.splitlines()
 
 
