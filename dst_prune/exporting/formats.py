@@ -36,6 +36,7 @@ from .._masking.hook import DSTMask, is_sparse, make_permanent
 from .._masking.readers import direct_readers
 from ..errors import DSTError
 from ..targets import TargetSpec, is_transformers_conv1d, qualified
+from ._threads import threads_for
 from .condensed import CondensedLinear, condense, constant_fan_in, refuse_if_empty
 from .shrink import shrink
 
@@ -47,7 +48,11 @@ FORMATS = ("dense", "csr", "semi_structured", "condensed", "shrink")
 
 
 class CSRLinear(nn.Module):
-    """`nn.Linear` with a `torch.sparse_csr` weight: `y = (W @ x^T)^T + b` skipping the zeros of `W`."""
+    """`nn.Linear` with a `torch.sparse_csr` weight: `y = (W @ x^T)^T + b` skipping the zeros of `W`.
+
+    On CPU the product runs with at most one of torch's threads per `_threads.GRAIN` multiply-adds (MKL's
+    sparse kernels collapse on a machine whose cores are shared; see `dst_prune.exporting._threads`).
+    """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
@@ -60,7 +65,8 @@ class CSRLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
-        out = (self.weight @ flat.T).T
+        with threads_for(flat.shape[0] * self.weight._nnz(), flat.device):
+            out = (self.weight @ flat.T).T
         if self.bias is not None:
             out = out + self.bias
         return out.reshape(*x.shape[:-1], self.out_features)
