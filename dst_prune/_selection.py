@@ -12,8 +12,8 @@ import math
 import numpy as np
 import torch
 
-__all__ = ["GROWTH_STREAM", "INIT_STREAM", "derive_seed", "global_top_k", "index_mask", "random_indices",
-           "random_positions", "top_k_indices", "top_k_mask"]
+__all__ = ["GROWTH_STREAM", "INIT_STREAM", "Outside", "ascending", "contains", "derive_seed", "global_top_k",
+           "index_mask", "random_indices", "random_positions", "top_k_indices", "top_k_mask", "top_k_outside"]
 
 GROWTH_STREAM, INIT_STREAM = 0, 1
 
@@ -59,7 +59,7 @@ def _top_k_search(flat: torch.Tensor, k: int) -> tuple[torch.Tensor | None, torc
     """`(superset, values, kth)`: where to look (`top_k_superset`, None for all of `flat`), the entries
     there, and the `k`-th largest value of the 1-D `flat` (`1 <= k <= n`), exactly, in O(n)."""
     superset = top_k_superset(flat, k)
-    values = flat if superset is None else flat[superset]
+    values = flat if superset is None else flat.index_select(0, superset)
     return superset, values, torch.kthvalue(values, values.numel() - k + 1).values
 
 
@@ -94,31 +94,115 @@ def top_k_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
         return torch.arange(n if k >= n else 0, device=flat.device)
     superset, values, kth = _top_k_search(flat, k)
     chosen = _at_least(values, kth, k).nonzero().view(-1)
-    return chosen if superset is None else superset[chosen]
+    return chosen if superset is None else superset.index_select(0, chosen)
 
 
-def random_indices(candidates: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
-    """`count` flat (row-major) indices drawn uniformly without replacement among the True `candidates`.
+def ascending(indices: torch.Tensor) -> torch.Tensor:
+    """`indices` sorted ascending (itself when it already is)."""
+    if indices.numel() < 2 or bool((indices[1:] >= indices[:-1]).all()):
+        return indices
+    return indices.sort().values
+
+
+def contains(ascending_set: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Bool, for each of `values`: whether it is in the ascending 1-D `ascending_set` (a binary search each: far
+    cheaper than `torch.isin`, which sorts both)."""
+    if not ascending_set.numel() or not values.numel():
+        return torch.zeros(values.shape, dtype=torch.bool, device=values.device)
+    found = torch.searchsorted(ascending_set, values).clamp_(max=ascending_set.numel() - 1)
+    return ascending_set.index_select(0, found) == values
+
+
+class Outside:
+    """Candidate positions without a full-size tensor: where the flat bool `mask` is False, and the flat indices
+    `also` (positions where it is True, e.g. the weights just dropped).
+
+    A grow step's candidates are the inactive positions and the ones just dropped; building them as a bool
+    tensor (`~mask`, then the drops) costs two passes over the weights, where a selection needs them only at
+    the few positions it looks at (`at`).
+
+    Args:
+        mask: the flat bool mask (not copied: do not write it while this is in use).
+        also: distinct flat indices where `mask` is True that are candidates too.
+        active: the number of True entries of `mask`, if known (else counted).
+    """
+
+    def __init__(self, mask: torch.Tensor, also: torch.Tensor, active: int | None = None) -> None:
+        self.mask, self.also = mask.reshape(-1), ascending(also.to(mask.device))
+        self.numel = self.mask.numel()
+        active = int(torch.count_nonzero(self.mask)) if active is None else active
+        self.count = self.numel - active + self.also.numel()
+
+    def at(self, indices: torch.Tensor) -> torch.Tensor:
+        """Bool, for each of the flat `indices`: whether it is a candidate."""
+        masked = self.mask.index_select(0, indices)
+        chosen = masked.logical_not()
+        if self.also.numel():
+            inside = masked.nonzero().view(-1)
+            chosen[inside] = contains(self.also, indices.index_select(0, inside))
+        return chosen
+
+    def full(self) -> torch.Tensor:
+        """The candidates as a flat bool tensor."""
+        return self.mask.logical_not().index_fill_(0, self.also, True)
+
+
+def top_k_outside(scores: torch.Tensor, k: int, candidates: Outside) -> torch.Tensor:
+    """`top_k_indices` among the `candidates` only (the others count as `-inf`), without a full-size copy of
+    `scores` with the others masked: the same ascending flat indices, ties to the lower index.
+
+    The threshold estimate is the one `top_k_superset` makes of the masked scores; the compare pass then runs
+    on `scores` itself, and the superset keeps its candidates. Requires `k <= candidates.count`.
+    """
+    flat = scores.detach().reshape(-1)
+    n = flat.numel()
+    if k <= 0:
+        return torch.empty(0, dtype=torch.long, device=flat.device)
+    if n > 4 * _SAMPLE and k < n // 8:
+        positions = _sample_positions(n, flat.device)
+        sample = flat.index_select(0, positions).masked_fill_(candidates.at(positions).logical_not_(), float("-inf"))
+        rank = min(_SAMPLE, 5 * k * _SAMPLE // (4 * n) + 64)
+        estimate = torch.kthvalue(sample, _SAMPLE - rank + 1).values
+        if bool(estimate > float("-inf")):
+            superset = (flat >= estimate).nonzero().view(-1)
+            superset = superset[candidates.at(superset)]
+            if superset.numel() >= k:
+                values = flat.index_select(0, superset)
+                kth = torch.kthvalue(values, values.numel() - k + 1).values
+                return superset[_at_least(values, kth, k).nonzero().view(-1)]
+    allowed = candidates.full()
+    chosen = top_k_indices(torch.where(allowed, flat, float("-inf")), k)
+    return chosen[allowed[chosen]]
+
+
+def random_indices(candidates: torch.Tensor | Outside, count: int, generator: torch.Generator) -> torch.Tensor:
+    """`count` flat (row-major) indices drawn uniformly without replacement among the True `candidates` (a
+    bool tensor, or an `Outside`).
 
     Costs O(count) when candidates are common: uniform draws over all positions, rejecting the others,
     and, when more distinct ones came than needed, a uniform subset of them (still a uniform subset of
     the candidates). Else O(n): a random permutation of the candidates.
     """
-    flat = candidates.reshape(-1)
-    n, device = flat.numel(), flat.device
+    if isinstance(candidates, Outside):
+        flat, n, total, at = None, candidates.numel, candidates.count, candidates.at
+        device = candidates.mask.device
+    else:
+        flat = candidates.reshape(-1)
+        n, device = flat.numel(), flat.device
+        total = int(torch.count_nonzero(flat)) if count else 0
+        at = flat.__getitem__
     if not count:
         return torch.empty(0, dtype=torch.long, device=device)
-    total = int(torch.count_nonzero(flat))
     if count > total:
         raise ValueError(f"cannot draw {count} positions among {total} candidates")
     if 4 * count > total or 4 * total < n:
-        indices = flat.nonzero().view(-1)
+        indices = (candidates.full() if flat is None else flat).nonzero().view(-1)
         return indices[torch.randperm(total, generator=generator, device=device)[:count]]
     picked = torch.empty(0, dtype=torch.long, device=device)
     while picked.numel() < count:
         draws = torch.randint(n, ((count - picked.numel()) * n // total * 5 // 4 + 16,), generator=generator,
                               device=device)
-        picked = torch.unique(torch.cat([picked, draws[flat[draws]]]))
+        picked = torch.unique(torch.cat([picked, draws[at(draws)]]))
     if picked.numel() > count:
         picked = picked[torch.randperm(picked.numel(), generator=generator, device=device)[:count]]
     return picked

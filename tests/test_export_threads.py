@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import dst_prune
-from dst_prune.exporting import _threads
+from dst_prune import _threads
 from dst_prune.exporting.formats import CSRLinear
 
 

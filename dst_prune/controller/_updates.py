@@ -4,16 +4,26 @@ An update validates first (the masks hold exactly the budget; the method can sta
 algorithm with every mask write recorded (`dst_prune._masking.transaction`). If anything fails or is
 interrupted halfway, masks, weights, gradients, optimizer state, the budget, the algorithm's own
 attributes and the history are put back exactly, and the error is raised again.
+
+What it costs beyond the method's own work: the count of every mask is remembered with the mask's
+version (`Tensor._version`, which every in-place write bumps, as `masked_weight` relies on too), so a
+mask is counted again only after something wrote it; the ever-active bits of a tensor are packed and
+counted again only when its mask (or they) changed since the last update. An update runs with at most one
+intra-op thread per `UPDATE_GRAIN` weights of the largest tensor (`dst_prune._threads`).
 """
 
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Callable
+
+import torch
 
 from .._bits import count_bits, pack_bits
 from .._masking.target import SparseTarget
 from .._masking.transaction import Transaction
+from .._threads import UPDATE_GRAIN, threads_for
 from ..algorithms.base import SparseAlgorithm
 from ..algorithms.context import SparsityContext
 from ..distributed.sharded import Sharding
@@ -24,6 +34,23 @@ from ._state import refuse_objects
 __all__ = ["Updates"]
 
 logger = logging.getLogger(__name__)
+
+
+class _Key:
+    """A tensor's identity and content version: equal while it is the same live tensor and nothing wrote it
+    in place (a weak reference: a tensor freed and another allocated at the same address is not equal)."""
+
+    __slots__ = ("ref", "state")
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.ref = weakref.ref(tensor)
+        self.state = (tensor.data_ptr(), tensor._version, tuple(tensor.shape))
+
+    def __eq__(self, other: object) -> bool:
+        return (isinstance(other, _Key) and self.state == other.state and self.ref() is not None
+                and self.ref() is other.ref())
+
+    __hash__ = None
 
 
 class Updates:
@@ -41,6 +68,27 @@ class Updates:
                  sharding: Sharding, copies: ModelCopies, ever_active: list, history: list[dict]) -> None:
         self.targets, self.context, self.algorithm = targets, context, algorithm
         self.sharding, self.copies, self.ever_active, self.history = sharding, copies, ever_active, history
+        self._counts: dict[int, tuple[tuple, int]] = {}  # layer -> (mask's identity and version, active groups)
+        self._merged: dict[int, tuple] = {}  # layer -> (mask's and bits' identity and version) when last merged
+        self._bits: dict[int, tuple[tuple, int]] = {}  # layer -> (bits' identity and version, set bits)
+        self._largest = max((t.numel for t in targets), default=0)
+
+    @staticmethod
+    def _key(tensor: torch.Tensor) -> _Key:
+        return _Key(tensor)
+
+    def active_groups(self, layer: int) -> int:
+        """The active groups of `layer`, counted again only if its mask was written since it last was."""
+        target = self.targets[layer]
+        if target.sharded:  # (a shard at rest caches its own full counts)
+            return target.active_groups()
+        key = self._key(target.mask)
+        cached = self._counts.get(layer)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        count = target.active_groups()
+        self._counts[layer] = (key, count)
+        return count
 
     def step(self) -> bool:
         """Count one optimizer step and reallocate if the schedule says so. Returns whether it did."""
@@ -84,14 +132,15 @@ class Updates:
             raise DSTError(f"the masks of {detached[0]} (and {len(detached) - 1} more) were removed, e.g. by "
                            f"dst_prune.remove(model); this controller no longer applies. Call dst_prune.apply "
                            f"again to train sparse.")
-        active = sum(t.active_groups() for t in self.targets)
+        active = sum(self.active_groups(layer) for layer in range(len(self.targets)))
         if active != self.context.budget:
             raise DSTError(f"the model's masks hold {active} active weights (groups) but this controller keeps "
                            f"exactly {self.context.budget}: masks were loaded or written without the controller "
                            f"state that goes with them. Load the matching dst.load_state_dict(...) first.")
 
     def _transaction(self, update: Callable[[], object], *, begins: bool, ends: bool) -> object:
-        with self.sharding.gathered(self.targets):
+        device = self.targets[0].mask.device if self.targets else torch.device("cpu")
+        with self.sharding.gathered(self.targets), threads_for(self._largest, device, UPDATE_GRAIN):
             context = self.context
             saved = (context.budget, self.algorithm.snapshot(), len(self.history))
             transaction = context.transaction = Transaction()
@@ -117,18 +166,22 @@ class Updates:
     def _finish(self) -> None:
         """Check the exact count, record the update in the history, sync the copies. Fails before it changes."""
         context = self.context
-        active = [t.active_groups() for t in self.targets]
+        active = [self.active_groups(layer) for layer in range(len(self.targets))]
         if sum(active) != context.budget:
             raise RuntimeError(f"dst_prune bug: {sum(active)} active weights after update {context.update_index} "
                                f"of {self.algorithm.name}, expected exactly {context.budget}")
         metrics = dict(self.algorithm.metrics())  # (a method's own code: may raise; nothing changed yet)
         refuse_objects(metrics, f"method={self.algorithm.name!r}'s metrics()")
-        packed = [pack_bits(t.mask) for t in self.targets]
+        changed = [layer for layer, (t, ever) in enumerate(zip(self.targets, self.ever_active))
+                   if t.sharded or self._merged.get(layer) != (self._key(t.mask), self._key(ever))]
+        packed = {layer: pack_bits(self.targets[layer].mask) for layer in changed}
         self.copies.sync()
         pruned, grown = context.take_changes()
-        for ever, mask in zip(self.ever_active, packed):
+        for layer, mask in packed.items():
+            ever = self.ever_active[layer]
             ever.bitwise_or_(mask)
-        ever_active = sum(count_bits(e) for e in self.ever_active)
+            self._merged[layer] = (self._key(self.targets[layer].mask), self._key(ever))
+        ever_active = sum(self._set_bits(layer) for layer in range(len(self.targets)))
         n_sparse = sum(t.numel for t in self.targets)
         self.history.append({"step": context.step, "update": context.update_index, "active": active,
                              "pruned": pruned, "grown": grown, "churn": sum(grown) / max(1, context.budget),
@@ -136,3 +189,12 @@ class Updates:
         logger.debug("update %d at step %d: %d pruned, %d grown", context.update_index, context.step, sum(pruned),
                      sum(grown))
         context.update_index += 1
+
+    def _set_bits(self, layer: int) -> int:
+        """The ever-active positions of `layer`, counted again only if its bits changed since they last were."""
+        ever = self.ever_active[layer]
+        key = self._key(ever)
+        cached = self._bits.get(layer)
+        if cached is None or cached[0] != key:
+            cached = self._bits[layer] = (key, count_bits(ever))
+        return cached[1]

@@ -17,9 +17,9 @@ from torch import nn
 
 from .._masking.hook import DSTMask
 from .._masking.readers import direct_readers
+from .._threads import threads_for
 from ..errors import DSTError
 from ..targets import TargetSpec
-from ._threads import threads_for
 
 __all__ = ["BLOCK_ELEMENTS", "CSR_BELOW_ROWS", "CondensedLinear", "condense", "constant_fan_in", "refuse_if_empty"]
 
@@ -50,8 +50,8 @@ class CondensedLinear(nn.Module):
     and `embedding_bag` from there on, for dtypes MKL does not take (bfloat16) and on other devices (not
     measured: no GPU was at hand). Both read the
     same int32 copy of `indices` (non-persistent, rebuilt on load) and `weight` itself, without copies.
-    On CPU the product runs with at most one of torch's threads per `_threads.GRAIN` multiply-adds (one thread
-    at batch 1): a multi-threaded sparse product collapses on a machine whose cores are shared (`_threads`).
+    On CPU the product runs with at most one of torch's threads per `dst_prune._threads.GRAIN` multiply-adds
+    (one thread at batch 1): a multi-threaded sparse product collapses on a machine whose cores are shared.
     """
 
     def __init__(self, indices: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rows: torch.Tensor,

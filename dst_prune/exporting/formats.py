@@ -34,9 +34,9 @@ from torch import nn
 
 from .._masking.hook import DSTMask, is_sparse, make_permanent
 from .._masking.readers import direct_readers
+from .._threads import threads_for
 from ..errors import DSTError
 from ..targets import TargetSpec, is_transformers_conv1d, qualified
-from ._threads import threads_for
 from .condensed import CondensedLinear, condense, constant_fan_in, refuse_if_empty
 from .shrink import shrink
 
@@ -50,8 +50,8 @@ FORMATS = ("dense", "csr", "semi_structured", "condensed", "shrink")
 class CSRLinear(nn.Module):
     """`nn.Linear` with a `torch.sparse_csr` weight: `y = (W @ x^T)^T + b` skipping the zeros of `W`.
 
-    On CPU the product runs with at most one of torch's threads per `_threads.GRAIN` multiply-adds (MKL's
-    sparse kernels collapse on a machine whose cores are shared; see `dst_prune.exporting._threads`).
+    On CPU the product runs with at most one of torch's threads per `dst_prune._threads.GRAIN` multiply-adds (MKL's
+    sparse kernels collapse on a machine whose cores are shared; see `dst_prune._threads`).
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
