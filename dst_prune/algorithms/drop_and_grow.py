@@ -145,7 +145,7 @@ class DropAndGrow(SparseAlgorithm):
             if scores is not None:
                 scores = finite_scores(self._checked(scores, layer, "grow_scores"), target.name, "growth")
             if type(grouping).regrow is Grouping.regrow:  # the inactive groups and the dropped, never materialized
-                candidates = Outside(target.group_mask(), drop, actives[layer])
+                candidates = Outside(target.group_mask(), also=drop, active=actives[layer])
                 grow = (random_indices(candidates, counts[layer], self.generator(layer)) if scores is None else
                         top_k_outside(scores, counts[layer], candidates))
                 regrown = contains(ascending(grow), drop)

@@ -15,7 +15,6 @@ intra-op thread per `UPDATE_GRAIN` weights of the largest tensor (`dst_prune._th
 from __future__ import annotations
 
 import logging
-import weakref
 from collections.abc import Callable
 
 import torch
@@ -25,7 +24,7 @@ from .._masking.target import SparseTarget
 from .._masking.transaction import Transaction
 from .._threads import UPDATE_GRAIN, threads_for
 from ..algorithms.base import SparseAlgorithm
-from ..algorithms.context import SparsityContext
+from ..algorithms.context import SparsityContext, TensorVersion
 from ..distributed.sharded import Sharding
 from ..errors import DSTError
 from ._copies import ModelCopies
@@ -34,23 +33,6 @@ from ._state import refuse_objects
 __all__ = ["Updates"]
 
 logger = logging.getLogger(__name__)
-
-
-class _Key:
-    """A tensor's identity and content version: equal while it is the same live tensor and nothing wrote it
-    in place (a weak reference: a tensor freed and another allocated at the same address is not equal)."""
-
-    __slots__ = ("ref", "state")
-
-    def __init__(self, tensor: torch.Tensor) -> None:
-        self.ref = weakref.ref(tensor)
-        self.state = (tensor.data_ptr(), tensor._version, tuple(tensor.shape))
-
-    def __eq__(self, other: object) -> bool:
-        return (isinstance(other, _Key) and self.state == other.state and self.ref() is not None
-                and self.ref() is other.ref())
-
-    __hash__ = None
 
 
 class Updates:
@@ -68,27 +50,9 @@ class Updates:
                  sharding: Sharding, copies: ModelCopies, ever_active: list, history: list[dict]) -> None:
         self.targets, self.context, self.algorithm = targets, context, algorithm
         self.sharding, self.copies, self.ever_active, self.history = sharding, copies, ever_active, history
-        self._counts: dict[int, tuple[tuple, int]] = {}  # layer -> (mask's identity and version, active groups)
-        self._merged: dict[int, tuple] = {}  # layer -> (mask's and bits' identity and version) when last merged
-        self._bits: dict[int, tuple[tuple, int]] = {}  # layer -> (bits' identity and version, set bits)
+        self._merged: dict[int, tuple] = {}  # layer -> (mask, bits) versions when the mask was last merged
+        self._bits: dict[int, tuple[TensorVersion, int]] = {}  # layer -> (bits' version, set bits)
         self._largest = max((t.numel for t in targets), default=0)
-
-    @staticmethod
-    def _key(tensor: torch.Tensor) -> _Key:
-        return _Key(tensor)
-
-    def active_groups(self, layer: int) -> int:
-        """The active groups of `layer`, counted again only if its mask was written since it last was."""
-        target = self.targets[layer]
-        if target.sharded:  # (a shard at rest caches its own full counts)
-            return target.active_groups()
-        key = self._key(target.mask)
-        cached = self._counts.get(layer)
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        count = target.active_groups()
-        self._counts[layer] = (key, count)
-        return count
 
     def step(self) -> bool:
         """Count one optimizer step and reallocate if the schedule says so. Returns whether it did."""
@@ -132,7 +96,7 @@ class Updates:
             raise DSTError(f"the masks of {detached[0]} (and {len(detached) - 1} more) were removed, e.g. by "
                            f"dst_prune.remove(model); this controller no longer applies. Call dst_prune.apply "
                            f"again to train sparse.")
-        active = sum(self.active_groups(layer) for layer in range(len(self.targets)))
+        active = sum(self.context.active_groups(layer) for layer in range(len(self.targets)))
         if active != self.context.budget:
             raise DSTError(f"the model's masks hold {active} active weights (groups) but this controller keeps "
                            f"exactly {self.context.budget}: masks were loaded or written without the controller "
@@ -144,13 +108,17 @@ class Updates:
             context = self.context
             saved = (context.budget, self.algorithm.snapshot(), len(self.history))
             transaction = context.transaction = Transaction()
+            context.take_grown_indices()
+            if begins:  # (DSR's steps: the layers its first step wrote are counted exactly at the end too)
+                context.take_written()
+            merged = [self._is_merged(layer) for layer in range(len(self.targets))]
             try:
                 if begins:
                     context.budget = self.algorithm.next_budget()
                 result = update()
                 context.refresh_changed()
                 if ends:
-                    self._finish()
+                    self._finish(merged)
                 return result
             except BaseException:
                 transaction.undo()
@@ -158,30 +126,44 @@ class Updates:
                 self.algorithm.restore(snapshot)
                 del self.history[length:]
                 context.take_changes()
+                context.take_grown_indices()
+                context.take_written()
                 context.dirty.clear()
                 raise
             finally:
                 context.transaction = None
 
-    def _finish(self) -> None:
-        """Check the exact count, record the update in the history, sync the copies. Fails before it changes."""
+    def _is_merged(self, layer: int) -> bool:
+        """Whether the ever-active bits of `layer` hold its mask as it is now (nothing wrote either since)."""
+        target = self.targets[layer]
+        return not target.sharded and self._merged.get(layer) == (TensorVersion(target.mask),
+                                                                  TensorVersion(self.ever_active[layer]))
+
+    def _finish(self, merged: list[bool]) -> None:
+        """Check the exact count, record the update in the history, sync the copies. Fails before it changes.
+
+        `merged[layer]`: whether the ever-active bits held the mask of `layer` when the update began; then only
+        the positions the update activated are added to them (else the whole mask is packed and merged).
+        """
         context = self.context
-        active = [self.active_groups(layer) for layer in range(len(self.targets))]
+        written = context.take_written()  # (counted exactly: the check below is of what was written)
+        active = [context.active_groups(layer, exact=layer in written) for layer in range(len(self.targets))]
         if sum(active) != context.budget:
             raise RuntimeError(f"dst_prune bug: {sum(active)} active weights after update {context.update_index} "
                                f"of {self.algorithm.name}, expected exactly {context.budget}")
         metrics = dict(self.algorithm.metrics())  # (a method's own code: may raise; nothing changed yet)
         refuse_objects(metrics, f"method={self.algorithm.name!r}'s metrics()")
-        changed = [layer for layer, (t, ever) in enumerate(zip(self.targets, self.ever_active))
-                   if t.sharded or self._merged.get(layer) != (self._key(t.mask), self._key(ever))]
-        packed = {layer: pack_bits(self.targets[layer].mask) for layer in changed}
+        grown_indices = context.take_grown_indices()
+        packed = {layer: pack_bits(t.mask) for layer, t in enumerate(self.targets) if not merged[layer]}
         self.copies.sync()
         pruned, grown = context.take_changes()
-        for layer, mask in packed.items():
-            ever = self.ever_active[layer]
-            ever.bitwise_or_(mask)
-            self._merged[layer] = (self._key(self.targets[layer].mask), self._key(ever))
-        ever_active = sum(self._set_bits(layer) for layer in range(len(self.targets)))
+        for layer, (target, ever) in enumerate(zip(self.targets, self.ever_active)):
+            if layer in packed:
+                ever.bitwise_or_(packed[layer])
+            elif grown_indices[layer] is not None:
+                self._set_bits(layer, grown_indices[layer])
+            self._merged[layer] = (TensorVersion(target.mask), TensorVersion(ever))
+        ever_active = sum(self._count_bits(layer) for layer in range(len(self.targets)))
         n_sparse = sum(t.numel for t in self.targets)
         self.history.append({"step": context.step, "update": context.update_index, "active": active,
                              "pruned": pruned, "grown": grown, "churn": sum(grown) / max(1, context.budget),
@@ -190,10 +172,25 @@ class Updates:
                      sum(grown))
         context.update_index += 1
 
-    def _set_bits(self, layer: int) -> int:
+    def _set_bits(self, layer: int, indices: torch.Tensor) -> None:
+        """Set the ever-active bits of `layer` at the flat `indices` (O(len(indices)), the count kept up to date)."""
+        ever = self.ever_active[layer]
+        indices = indices.to(ever.device)
+        clear = (ever.index_select(0, indices >> 3) >> (indices & 7).to(torch.uint8)).bitwise_and_(1) == 0
+        fresh = indices[clear]
+        if fresh.numel() > 1 and not bool((fresh[1:] > fresh[:-1]).all()):
+            fresh = torch.unique(fresh)  # (a position listed twice must be added once)
+        cached = self._bits.get(layer)
+        valid = cached is not None and cached[0] == TensorVersion(ever)
+        bits = torch.ones(fresh.shape, dtype=torch.uint8, device=ever.device) << (fresh & 7).to(torch.uint8)
+        ever.index_add_(0, fresh >> 3, bits)  # distinct bits, none set yet: their sum is their OR
+        if valid:
+            self._bits[layer] = (TensorVersion(ever), cached[1] + fresh.numel())
+
+    def _count_bits(self, layer: int) -> int:
         """The ever-active positions of `layer`, counted again only if its bits changed since they last were."""
         ever = self.ever_active[layer]
-        key = self._key(ever)
+        key = TensorVersion(ever)
         cached = self._bits.get(layer)
         if cached is None or cached[0] != key:
             cached = self._bits[layer] = (key, count_bits(ever))
