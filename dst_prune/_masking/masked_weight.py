@@ -75,7 +75,8 @@ def zero_outside(tensor: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """`tensor` with zeros where `mask` is False, in place, bit for bit `torch.where(mask, tensor, 0)` (NaN and
     inf at masked positions become 0)."""
     bits = _BITS.get(tensor.dtype)
-    if (bits is None or tensor.device.type != "cpu" or tensor.numel() < _CHUNK or tensor.requires_grad
+    if (bits is None or tensor.device.type != "cpu" or tensor.numel() < _CHUNK
+            or (tensor.requires_grad and torch.is_grad_enabled())
             or mask.shape != tensor.shape or mask.stride() != tensor.stride() or mask.device != tensor.device):
         return torch.where(mask, tensor, tensor.new_zeros(()), out=tensor)
     values, keep = _flat(tensor), _flat(mask)

@@ -148,7 +148,7 @@ class DropAndGrow(SparseAlgorithm):
                 candidates = Outside(target.group_mask(), also=drop, active=actives[layer])
                 grow = (random_indices(candidates, counts[layer], self.generator(layer)) if scores is None else
                         top_k_outside(scores, counts[layer], candidates))
-                regrown = contains(ascending(grow), drop)
+                regrown = contains(ascending(grow[contains(ascending(drop), grow)]), drop)
             else:
                 candidates = target.group_mask().logical_not().reshape(-1).index_fill_(0, drop, True)
                 grow = grouping.regrow(candidates, counts[layer], self.generator(layer), scores=scores, dropped=drop)
