@@ -127,7 +127,7 @@ class DropAndGrow(SparseAlgorithm):
         """Drop `floor(fraction * active)` groups per layer and grow as many (or `grow_counts`) back."""
         drops, rooms, actives = [], [], []
         for layer, target in enumerate(self.targets):
-            if self._drops_by_magnitude(target):
+            if self._drops_by_magnitude(layer):
                 drop, active = self._weakest_by_magnitude(layer, fraction)
             else:
                 active = target.active_groups()
@@ -144,7 +144,8 @@ class DropAndGrow(SparseAlgorithm):
             scores = self.grow_scores(layer)
             if scores is not None:
                 scores = finite_scores(self._checked(scores, layer, "grow_scores"), target.name, "growth")
-            if type(grouping).regrow is Grouping.regrow:  # the inactive groups and the dropped, never materialized
+            if type(grouping).regrow is Grouping.regrow and 16 * drop.numel() <= target.n_groups:
+                # the inactive groups and the dropped, never materialized (a few percent of them change)
                 candidates = Outside(target.group_mask(), also=drop, active=actives[layer])
                 grow = (random_indices(candidates, counts[layer], self.generator(layer)) if scores is None else
                         top_k_outside(scores, counts[layer], candidates))
@@ -164,11 +165,12 @@ class DropAndGrow(SparseAlgorithm):
                 self.prune(layer, index_mask(pruned, grouping.group_shape, target.mask.device))
                 self.grow(layer, index_mask(grown, grouping.group_shape, target.mask.device))
 
-    def _drops_by_magnitude(self, target: SparseTarget) -> bool:
+    def _drops_by_magnitude(self, layer: int) -> bool:
         """Whether `layer` drops by the default `|w|` of single weights (nothing overridden), which
-        `_weakest_by_magnitude` ranks among the active weights only."""
-        cls = type(self)
-        return (target.grouping.elementwise and cls.drop_scores is DropAndGrow.drop_scores
+        `_weakest_by_magnitude` ranks among the active weights only (when they are at most a quarter)."""
+        cls, target = type(self), self.targets[layer]
+        return (target.grouping.elementwise and 4 * self.context.active_groups(layer) <= target.n_groups
+                and cls.drop_scores is DropAndGrow.drop_scores
                 and cls.weakest_active is SparseAlgorithm.weakest_active
                 and cls.magnitudes is SparseAlgorithm.magnitudes and type(target).scores is SparseTarget.scores
                 and type(target.grouping).reduce is Grouping.reduce)
