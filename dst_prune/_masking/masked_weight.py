@@ -19,7 +19,8 @@ multiply would leave `nan * 0 = NaN`), and no weight-sized float mask is kept (a
 2.14, one thread, a 4096 x 4096 float32 weight at 90% sparsity, medians of 11 interleaved runs on a loaded
 2-core machine): `torch.where(mask, w, 0, out=w)` 26-29 ms; `masked_fill_` with a cached inverted mask about the
 same; `w.mul_(mask.view(torch.uint8))` 59 ms (a mixed-dtype multiply is not vectorized); `w.mul_(float_mask)`
-10-14 ms (with a weight-sized float mask, and not exact for NaN); the bit product 8.4 ms, 3x `where`. Its two
+10-14 ms (with a weight-sized float mask, and not exact for NaN); the bit product 8.4 ms, 3x `where` (5x on
+LeNet-300-100's 784 x 300 weight, where the per-step cost of `where` made the masked step 1.6x dense). Its two
 operations per chunk would each end in a thread barrier, which collapses on shared cores, so it runs with
 at most one thread per `MASK_GRAIN` weights (one for ordinary layers; `dst_prune._threads`).
 
@@ -37,16 +38,17 @@ import threading
 import torch
 from torch import nn
 
-from .._threads import threads_for
 from .._torch import is_view
 
-__all__ = ["MASK_GRAIN", "MaskedWeight", "masked_weight", "zero_outside"]
+__all__ = ["MASK_GRAIN", "MaskedWeight", "masked_copy", "masked_weight", "zero_outside"]
 
 #: the integer type of each float type's width (`zero_outside` multiplies the bits)
 _BITS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16,
          torch.float64: torch.int64}
-#: elements per chunk of `zero_outside` (its 0/1 buffer: 1 MiB for float32), and below which `where` does it at once
+#: elements per chunk of `zero_outside` (its 0/1 buffer: 1 MiB for float32)
 _CHUNK = 1 << 18
+#: below this many elements `where` is as fast (one operation instead of two)
+_SMALL = 1 << 13
 #: weights per thread of `zero_outside`
 MASK_GRAIN = 1 << 24
 _buffers = threading.local()  # per thread: {(integer dtype, device): the 0/1 buffer}
@@ -62,8 +64,9 @@ def _flat(tensor: torch.Tensor) -> torch.Tensor | None:
 
 
 def _buffer(dtype: torch.dtype, device: torch.device, size: int) -> torch.Tensor:
-    cache = getattr(_buffers, "cache", None)
-    if cache is None:
+    try:
+        cache = _buffers.cache
+    except AttributeError:
         cache = _buffers.cache = {}
     buffer = cache.get((dtype, device))
     if buffer is None or buffer.numel() < size:
@@ -71,27 +74,54 @@ def _buffer(dtype: torch.dtype, device: torch.device, size: int) -> torch.Tensor
     return buffer[:size]
 
 
-def zero_outside(tensor: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """`tensor` with zeros where `mask` is False, in place, bit for bit `torch.where(mask, tensor, 0)` (NaN and
-    inf at masked positions become 0)."""
+def _bit_product(tensor: torch.Tensor, mask: torch.Tensor, out: torch.Tensor) -> bool:
+    """Write `tensor` with zeros where `mask` is False into `out` (`tensor` itself, or a tensor of its layout) by
+    the bit product; False (nothing written) where it does not apply: then `torch.where` does it."""
     bits = _BITS.get(tensor.dtype)
-    if (bits is None or tensor.device.type != "cpu" or tensor.numel() < _CHUNK
-            or (tensor.requires_grad and torch.is_grad_enabled())
-            or mask.shape != tensor.shape or mask.stride() != tensor.stride() or mask.device != tensor.device):
-        return torch.where(mask, tensor, tensor.new_zeros(()), out=tensor)
-    values, keep = _flat(tensor), _flat(mask)
-    if values is None or keep is None:
-        return torch.where(mask, tensor, tensor.new_zeros(()), out=tensor)
-    values, n = values.view(bits), values.numel()
-    with threads_for(n, tensor.device, MASK_GRAIN):
-        chunk = _CHUNK * torch.get_num_threads()
+    n = tensor.numel()
+    if (bits is None or n < _SMALL or tensor.device.type != "cpu" or mask.shape != tensor.shape
+            or mask.stride() != tensor.stride() or (tensor.requires_grad and torch.is_grad_enabled())):
+        return False
+    values, keep, target = _flat(tensor), _flat(mask), _flat(out)
+    if values is None or keep is None or target is None or mask.device != tensor.device:
+        return False
+    values, target = values.view(bits), target.view(bits)
+    threads = torch.get_num_threads()
+    wanted = max(1, n // MASK_GRAIN)
+    if wanted < threads:  # (as `dst_prune._threads.threads_for`, inline: this runs twice per layer and step)
+        torch.set_num_threads(wanted)
+    try:
+        chunk = _CHUNK * min(wanted, threads)
         factors = _buffer(bits, tensor.device, min(n, chunk))
+        if n <= chunk:
+            factors.copy_(keep)
+            torch.mul(values, factors, out=target)
+            return True
         for start in range(0, n, chunk):
             part = values[start:start + chunk]
             factor = factors[:part.numel()]
             factor.copy_(keep[start:start + chunk])
-            part.mul_(factor)
-    return tensor
+            torch.mul(part, factor, out=target[start:start + chunk])
+    finally:
+        if wanted < threads:
+            torch.set_num_threads(threads)
+    return True
+
+
+def zero_outside(tensor: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """`tensor` with zeros where `mask` is False, in place, bit for bit `torch.where(mask, tensor, 0)` (NaN and
+    inf at masked positions become 0)."""
+    if _bit_product(tensor, mask, tensor):
+        return tensor
+    return torch.where(mask, tensor, tensor.new_zeros(()), out=tensor)
+
+
+def masked_copy(tensor: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """`torch.where(mask, tensor, 0)`, a new tensor (of `tensor`'s layout), by the bit product where it applies."""
+    out = torch.empty_like(tensor)
+    if _bit_product(tensor, mask, out):
+        return out
+    return torch.where(mask, tensor, 0)
 
 
 def _writable(grad: torch.Tensor) -> bool:
@@ -115,7 +145,7 @@ class MaskedWeight(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         (mask,) = ctx.saved_tensors
-        return (zero_outside(grad, mask) if _writable(grad) else torch.where(mask, grad, 0)), None
+        return (zero_outside(grad, mask) if _writable(grad) else masked_copy(grad, mask)), None
 
 
 def _sources(orig: torch.Tensor, mask: torch.Tensor) -> list[int]:
