@@ -129,6 +129,7 @@ def contains(ascending_set: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     cheaper than `torch.isin`, which sorts both)."""
     if not ascending_set.numel() or not values.numel():
         return torch.zeros(values.shape, dtype=torch.bool, device=values.device)
+    ascending_set = ascending_set.contiguous()
     found = torch.searchsorted(ascending_set, values).clamp_(max=ascending_set.numel() - 1)
     return ascending_set.index_select(0, found) == values
 

@@ -54,10 +54,11 @@ def test_a_batch_one_condensed_product_runs_on_one_thread_and_restores_the_setti
 def test_a_batch_one_csr_product_runs_on_one_thread(two_threads):
     exported = dst_prune.export(sparse_mlp(granularity="element"), format="csr")
     assert isinstance(exported[0], CSRLinear) and isinstance(exported[2], CSRLinear)
-    patch, seen = threads_seen(torch.Tensor, "__matmul__")
+    patch, seen = threads_seen(torch, "addmv")
     with patch, torch.inference_mode():
-        exported(torch.randn(1, 64))
+        out = exported(torch.randn(1, 64))
     assert seen == [1, 1] and torch.get_num_threads() == 2
+    assert out.shape == (1, 8)
 
 
 def test_large_products_keep_the_threads_and_a_failing_product_restores_them(two_threads):
@@ -69,3 +70,17 @@ def test_large_products_keep_the_threads_and_a_failing_product_restores_them(two
     assert torch.get_num_threads() == 2
     with _threads.threads_for(10, torch.device("meta")):  # other devices: untouched
         assert torch.get_num_threads() == 2
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_csr_layers_hold_int32_indices_and_compute_the_dense_product_at_any_batch(bias):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 48, bias=bias), nn.ReLU(), nn.Linear(48, 8, bias=bias))
+    dst_prune.apply(model, sparsity=0.8, dense_stem_and_head=False)
+    csr, dense = dst_prune.export(model, format="csr"), dst_prune.export(model, format="dense")
+    assert all(m.weight.crow_indices().dtype == torch.int32 == m.weight.col_indices().dtype
+               for m in csr.modules() if isinstance(m, CSRLinear))
+    with torch.inference_mode():
+        for shape in [(1, 64), (64,), (5, 64), (2, 3, 64)]:
+            x = torch.randn(shape)
+            torch.testing.assert_close(csr(x), dense(x), rtol=1e-5, atol=1e-5)
