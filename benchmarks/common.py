@@ -7,10 +7,14 @@ installed (`pip install -e ".[bench]"`) is reported as missing, not silently dro
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import statistics
+import subprocess
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,22 +25,28 @@ from torch import nn
 import dst_prune
 from dst_prune.targets import find_targets
 
-MODELS = {  # the issue's configurations: name -> (batch, image size)
+MODELS = {  # the default configurations: name -> (batch, image size)
     "resnet18": (32, 64),
     "resnet50": (16, 112),
     "vit_small_patch16_224": (8, 224),
+    "lenet_300_100": (100, 28),  # MNIST-sized MLP: where a fixed per-step cost shows
 }
 MORE_MODELS = {  # by name only, not by default: vit_base for GPUs, timm's tiny test models for quick CPU runs
     "vit_tiny_patch16_224": (8, 224), "vit_base_patch16_224": (8, 224), "test_resnet": (2, 32), "test_vit": (2, 32),
 }
+CHANNELS = {"lenet_300_100": 1}  # input channels (3 otherwise)
 SPARSITY = 0.9
 MEMORY_FORMAT = {"value": torch.contiguous_format}  # the scripts' --channels-last sets torch.channels_last
 
 
 def build_model(name: str, size: int, device: torch.device) -> nn.Module:
+    torch.manual_seed(0)
+    if name == "lenet_300_100":
+        from dst_prune.compat.models.lenet import lenet_300_100
+
+        return lenet_300_100(in_features=size * size, num_classes=100).to(device)
     import timm  # here: the scripts that need no model start faster (reallocation, memory's parent)
 
-    torch.manual_seed(0)
     kwargs = {"img_size": size} if "vit" in name else {}
     return timm.create_model(name, num_classes=100, **kwargs).to(device, memory_format=MEMORY_FORMAT["value"])
 
@@ -183,6 +193,35 @@ def summary(samples: list[float]) -> dict:
             "max_ms": 1000 * max(samples), "repeats": len(samples)}
 
 
+@contextlib.contextmanager
+def competing_load(processes: int) -> Iterator[None]:
+    """Run the block with `processes` busy-loop processes competing for the cores (a loaded machine: a serving
+    host, a shared workstation); they are stopped when the block ends."""
+    workers = [subprocess.Popen([sys.executable, "-c", "while True: pass"], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL) for _ in range(processes)]
+    try:
+        time.sleep(0.2 if processes else 0)  # (let them start)
+        yield
+    finally:
+        for worker in workers:
+            worker.kill()
+            worker.wait()
+
+
+def load_average() -> float | None:
+    """The 1-minute load average (what else ran on the machine), None where the platform has none."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
+def rotated(names: list[str], round_: int) -> list[str]:
+    """`names` starting at `round_ % len(names)`: every entry runs in every position equally often."""
+    shift = round_ % len(names)
+    return names[shift:] + names[:shift]
+
+
 def commit() -> str | None:
     """The checkout's commit (short hash, `+dirty` with uncommitted changes), or None outside a git checkout."""
     import subprocess
@@ -204,13 +243,19 @@ def write_json(path: Path, payload: dict) -> None:
     path.write_text(json.dumps({**payload, "commit": payload.get("commit", commit())}, indent=1))
 
 
-def machine() -> str:
+def machine(threads: int | None = None) -> str:
+    """The device (the CPU's model and cores, or the GPU), the threads and the torch version."""
     import platform
 
-    threads = torch.get_num_threads()
+    threads = torch.get_num_threads() if threads is None else threads
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name()} (torch {torch.__version__})"
-    return f"{platform.processor() or platform.machine()}, {threads} threads (torch {torch.__version__})"
+    model = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")]
+        model = names[0] if names else model
+    return f"{model}, {os.cpu_count()} cores, {threads} threads (torch {torch.__version__})"
 
 
 def table(columns: list[str], rows: list[list]) -> PrettyTable:
@@ -220,21 +265,21 @@ def table(columns: list[str], rows: list[list]) -> PrettyTable:
     return result
 
 
-def interleaved(fns: dict[str, Callable[..., object]], x: object, repeats: int,
-                warmup: int = 2) -> dict[str, list[float]]:
+def interleaved(fns: dict[str, Callable[..., object]], x: object, repeats: int, warmup: int = 2,
+                timer: Timer | None = None) -> dict[str, list[float]]:
     """Seconds per call `fn(x)` of each `fns` entry, in `repeats` rounds that call every entry once, in an order
-    that rotates every round (so that drift in the machine's load hits every entry alike)."""
+    that rotates every round (so that drift in the machine's load hits every entry alike). `timer`: how a call
+    is timed (a `Timer` of the device; default: the CPU's clock)."""
     names = list(fns)
+    timer = timer or Timer(torch.device("cpu"))
     with torch.inference_mode():
         for _ in range(warmup):
             for fn in fns.values():
                 fn(x)
         samples: dict[str, list[float]] = {n: [] for n in names}
         for round_ in range(repeats):
-            for name in names[round_ % len(names):] + names[:round_ % len(names)]:
-                start = time.perf_counter()
-                fns[name](x)
-                samples[name].append(time.perf_counter() - start)
+            for name in rotated(names, round_):
+                samples[name].append(timer(lambda name=name: fns[name](x)))
     return samples
 
 

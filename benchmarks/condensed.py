@@ -7,8 +7,13 @@ inputs, at random positions. The sparsity is rounded so that the fan-in is a who
 layer keeps exactly the count `dst_prune.apply` gave it. The three exports of the same sparse model are
 timed in interleaved rounds (medians); "x dense" is the dense median over the format's.
 
+Each configuration of threads and machine load is timed apart (a load of `N` runs `N` busy-loop processes beside
+the benchmark: a shared machine, where multi-threaded sparse products used to collapse); only ratios within one
+configuration compare.
+
     python benchmarks/condensed.py                      # writes benchmarks/out/condensed.{json,md}
-    python benchmarks/condensed.py --models mlp --batches 1 --repeats 50
+    python benchmarks/condensed.py --models mlp --batches 1 --threads 1 2 --loads 0 2 --repeats 15
+    python benchmarks/condensed.py --quick              # seconds: a 512-wide MLP
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from pathlib import Path
 
 import timm
 import torch
-from common import interleaved, machine, table, write_json, write_markdown
+from common import commit, competing_load, interleaved, load_average, machine, table, write_json, write_markdown
 from torch import nn
 from tqdm import tqdm
 
@@ -88,35 +93,51 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 32])
     parser.add_argument("--sparsities", nargs="+", type=float, default=[0.9, 0.95, 0.99])
     parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
+    parser.add_argument("--loads", nargs="+", type=int, default=[0],
+                        help="busy-loop processes competing for the cores (0: none)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="a 512-wide MLP at 0.9, 2 rounds: a smoke test")
     parser.add_argument("--output-dir", type=Path, default=Path(__file__).resolve().parent / "out")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    configs = [(m, s, b) for m in args.models for s in args.sparsities for b in args.batches]
+    if args.quick:
+        args.models, args.width, args.sparsities, args.batches, args.repeats = ["mlp"], 512, [0.9], [1, 32], 2
+    configs = [(m, s) for m in args.models for s in args.sparsities]
     results = []
-    for name, sparsity, batch in tqdm(configs, desc="condensed benchmark", file=sys.stderr):
+    for name, sparsity in tqdm(configs, desc="condensed benchmark", file=sys.stderr):
         model, effective, fan_ins = sparse_model(name, sparsity, args)
         exports = {fmt: dst_prune.export(model, format=fmt) for fmt in FORMATS}
-        x = inputs(name, batch, args)
-        with torch.inference_mode():
-            torch.testing.assert_close(exports["condensed"](x), exports["dense"](x), rtol=1e-4, atol=1e-4)
-        samples = interleaved(exports, x, args.repeats)
-        ms = {fmt: 1000 * statistics.median(v) for fmt, v in samples.items()}
-        results.append({"model": name, "batch": batch, "sparsity": sparsity, "effective_sparsity": effective,
-                        "fan_in": sorted(set(fan_ins)), **{f"{fmt}_ms": ms[fmt] for fmt in FORMATS},
-                        **{f"{fmt}_min_ms": 1000 * min(samples[fmt]) for fmt in FORMATS},
-                        "csr_speedup": ms["dense"] / ms["csr"], "condensed_speedup": ms["dense"] / ms["condensed"],
-                        "condensed_vs_csr": ms["csr"] / ms["condensed"]})
-    columns = ["model", "batch", "sparsity", "fan-in", "dense ms", "csr ms", "condensed ms", "csr x dense",
-               "condensed x dense", "condensed x csr"]
-    rows = [[r["model"], r["batch"], f"{r['effective_sparsity']:.4f}", "/".join(map(str, r["fan_in"])),
-             f"{r['dense_ms']:.2f}", f"{r['csr_ms']:.2f}", f"{r['condensed_ms']:.2f}", f"{r['csr_speedup']:.2f}x",
-             f"{r['condensed_speedup']:.2f}x", f"{r['condensed_vs_csr']:.2f}x"] for r in results]
-    title = f"Inference latency, {machine()}, medians of {args.repeats} interleaved rounds"
+        for batch in args.batches:
+            x = inputs(name, batch, args)
+            with torch.inference_mode():
+                torch.testing.assert_close(exports["condensed"](x), exports["dense"](x), rtol=1e-4, atol=1e-4)
+            for threads in args.threads:
+                for load in args.loads:
+                    torch.set_num_threads(threads)
+                    with competing_load(load):
+                        average = load_average()
+                        samples = interleaved(exports, x, args.repeats)
+                    ms = {fmt: 1000 * statistics.median(v) for fmt, v in samples.items()}
+                    results.append({"model": name, "batch": batch, "threads": threads, "load": load,
+                                    "load_average": average, "sparsity": sparsity, "effective_sparsity": effective,
+                                    "fan_in": sorted(set(fan_ins)), **{f"{fmt}_ms": ms[fmt] for fmt in FORMATS},
+                                    **{f"{fmt}_min_ms": 1000 * min(samples[fmt]) for fmt in FORMATS},
+                                    "csr_speedup": ms["dense"] / ms["csr"],
+                                    "condensed_speedup": ms["dense"] / ms["condensed"],
+                                    "condensed_vs_csr": ms["csr"] / ms["condensed"]})
+    columns = ["model", "batch", "threads", "load", "sparsity", "fan-in", "dense ms", "csr ms", "condensed ms",
+               "csr x dense", "condensed x dense", "condensed x csr"]
+    rows = [[r["model"], r["batch"], r["threads"], r["load"], f"{r['effective_sparsity']:.4f}",
+             "/".join(map(str, r["fan_in"])), f"{r['dense_ms']:.2f}", f"{r['csr_ms']:.2f}", f"{r['condensed_ms']:.2f}",
+             f"{r['csr_speedup']:.2f}x", f"{r['condensed_speedup']:.2f}x", f"{r['condensed_vs_csr']:.2f}x"]
+            for r in results]
+    title = (f"Inference latency, {machine(max(args.threads))}, medians of {args.repeats} interleaved rounds, commit "
+             f"{commit()}")
     print(title)
     print(table(columns, rows))
-    write_json(args.output_dir / "condensed.json", {"machine": machine(), "command": " ".join(sys.argv),
+    write_json(args.output_dir / "condensed.json", {"machine": machine(max(args.threads)),
+                                                    "command": " ".join(["python benchmarks/condensed.py",
+                                                                         *(sys.argv[1:] if argv is None else argv)]),
                                                     "repeats": args.repeats, "threads": args.threads,
                                                     "results": results})
     write_markdown(args.output_dir / "condensed.md", title, columns, rows)

@@ -71,15 +71,29 @@ def _step_time(data: dict) -> str:
     return _markdown(["model (batch, image)", "dense ms", *variants], rows)
 
 
+def _configuration(row: dict) -> str:
+    """`1 thread, quiet` / `2 threads, load 2` (busy-loop processes beside the benchmark)."""
+    threads = row.get("threads")
+    text = "" if threads is None else f"{threads} thread{'s' if threads != 1 else ''}, "
+    return text + (f"load {row['load']}" if row.get("load") else "quiet")
+
+
 def _reallocation(data: dict) -> str:
     results = data["results"]
     variants = _in_order(r["variant"] for r in results)
     rows = []
-    for size in _in_order(r["weights_millions"] for r in results):
-        of = {r["variant"]: r for r in results if r["weights_millions"] == size}
-        rows.append([f"{size:.1f}M", *(("fails" if "error" in of[v] else f"{of[v]['ms_per_25M']:.0f}") if v in of
-                                       else "" for v in variants)])
-    return _markdown(["sparse weights", *variants], rows)
+    for size, threads, load in _in_order((r["weights_millions"], r.get("threads"), r.get("load")) for r in results
+                                         if "threads" in r or "error" not in r):
+        of = {r["variant"]: r for r in results if (r["weights_millions"], r.get("threads"), r.get("load")) ==
+              (size, threads, load)}
+        ms = {v: of[v]["median_ms"] for v in of if "median_ms" in of[v]}
+        ratios = []
+        for ours, peer in (("rigl", "sparsimony-rigl"), ("srigl", "rigl")):
+            ratios.append(f"{ms[ours] / ms[peer]:.2f}" if ours in ms and peer in ms else "")
+        rows.append([f"{size:.0f}M", _configuration({"threads": threads, "load": load}),
+                     *(("fails" if "error" in of[v] else f"{of[v]['ms_per_25M']:.0f}") if v in of else ""
+                       for v in variants), *ratios])
+    return _markdown(["sparse weights", "threads, load", *variants, "rigl / sparsimony-rigl", "srigl / rigl"], rows)
 
 
 def _memory(data: dict) -> str:
@@ -89,9 +103,14 @@ def _memory(data: dict) -> str:
     for model in _in_order(r["model"] for r in results):
         of = {r["variant"]: r for r in results if r["model"] == model}
         dense = of.get("dense")
-        rows.append([f"{model} (dense {dense['peak_bytes'] / 2**20:.0f} MiB)" if dense else model,
-                     *(f"{of[v]['ratio_to_dense']:.3f}" if v in of and "ratio_to_dense" in of[v] else ""
-                       for v in variants)])
+        cells = []
+        for v in variants:
+            r = of.get(v, {})
+            cell = f"{r['ratio_to_dense']:.3f}" if "ratio_to_dense" in r else ""
+            if "update_ratio_to_dense" in r:
+                cell += f" ({r['update_ratio_to_dense']:.3f})"
+            cells.append(cell)
+        rows.append([f"{model} (dense {dense['peak_bytes'] / 2**20:.0f} MiB)" if dense else model, *cells])
     return _markdown(["model", *variants], rows)
 
 
@@ -99,10 +118,27 @@ def _inference(data: dict) -> str:
     results = [r for r in data["results"] if r["format"] != "dense"]
     columns = _in_order((r["format"], r["sparsity"]) for r in results)
     rows = []
-    for model, batch in _in_order((r["model"], r["batch"]) for r in results):
-        of = {(r["format"], r["sparsity"]): r for r in results if (r["model"], r["batch"]) == (model, batch)}
-        rows.append([model, batch, *(f"{1 / of[c]['ratio_to_dense']:.2f}x" if c in of else "" for c in columns)])
-    return _markdown(["model", "batch", *(f"{f} at {s:g}" for f, s in columns)], rows)
+    for key in _in_order((r["model"], r["batch"], r.get("threads"), r.get("load")) for r in results):
+        of = {(r["format"], r["sparsity"]): r for r in results
+              if (r["model"], r["batch"], r.get("threads"), r.get("load")) == key}
+        rows.append([key[0], key[1], _configuration({"threads": key[2], "load": key[3]}),
+                     *(f"{1 / of[c]['ratio_to_dense']:.2f}x" if c in of else "" for c in columns)])
+    return _markdown(["model", "batch", "threads, load", *(f"{f} at {s:g}" for f, s in columns)], rows)
+
+
+def _condensed(data: dict) -> str:
+    rows = [[r["model"], r["batch"], _configuration(r), f"{r['effective_sparsity']:.3f}", f"{r['dense_ms']:.2f}",
+             f"{r['csr_speedup']:.2f}x", f"{r['condensed_speedup']:.2f}x"] for r in data["results"]]
+    return _markdown(["model", "batch", "threads, load", "sparsity", "dense ms", "csr vs dense", "condensed vs dense"],
+                     rows)
+
+
+def _shrink(data: dict) -> str:
+    rows = [[r["model"], r["sparsity"], r["batch"], _configuration(r), f"{r['params'] / r['dense_params']:.2f}",
+             f"{r['flops'] / r['dense_flops']:.2f}", f"{r['dense_ms']:.2f}", f"{r['speedup']:.2f}x"]
+            for r in data["results"]]
+    return _markdown(["model", "channel sparsity", "batch", "threads, load", "params", "FLOPs", "dense ms",
+                      "shrink vs dense"], rows)
 
 
 def _mnist_methods(data: dict) -> str:
@@ -122,10 +158,15 @@ def _mnist_methods(data: dict) -> str:
 
 TABLES: dict[str, tuple[str, Callable[[dict], str]]] = {
     "step_time": ("step_time.json", _step_time),
+    "step_time_loaded": ("step_time_loaded.json", _step_time),
+    "step_time_compiled": ("step_time_compiled.json", _step_time),
     "step_time_vit_small_40_rounds": ("step_time_vit_small_40_rounds.json", _step_time),
     "reallocation": ("reallocation.json", _reallocation),
+    "reallocation_100m": ("reallocation_100m.json", _reallocation),
     "memory": ("memory.json", _memory),
     "inference": ("inference.json", _inference),
+    "condensed": ("condensed.json", _condensed),
+    "shrink": ("shrink.json", _shrink),
     "mnist_methods": ("mnist_methods.json", _mnist_methods),
 }
 

@@ -1,4 +1,8 @@
-"""Peak memory of one training step, dst_prune and the peers against dense, each in its own process.
+"""Peak memory of one training step and of a step with a topology update, against dense, each in its own process.
+
+The update step is what a method's peak is: the step before an update captures the dense gradient (RigL,
+SRigL, GraNet) and the update itself ranks and writes; measured as one update (`Variant.update`: the capture,
+a forward and backward, the reallocation) followed by an ordinary step, against two dense steps.
 
 On CPU the peak resident set of the step is read from the kernel (`/proc/self/status` VmHWM, reset just
 before the step through `/proc/self/clear_refs`); on CUDA, `torch.cuda.max_memory_allocated` of the step after
@@ -24,7 +28,7 @@ import common
 import torch
 from common import MODELS, MORE_MODELS, machine, table, variants, write_json
 
-VARIANTS = ["dense", "static", "dsr", "rigl", "snfs", "prune", "rigl-torch", "sparsimony-rigl"]
+VARIANTS = ["dense", "static", "dsr", "rigl", "srigl", "snfs", "prune", "rigl-torch", "sparsimony-rigl"]
 
 
 def _status(field: str) -> int:
@@ -42,7 +46,8 @@ def one(model_name: str, label: str, args: argparse.Namespace) -> dict:
     batch_size, size = args.batch or batch_size, args.image_size or size
     if args.channels_last:
         common.MEMORY_FORMAT["value"] = torch.channels_last
-    images = torch.randn(batch_size, 3, size, size).to(device, memory_format=common.MEMORY_FORMAT["value"])
+    images = torch.randn(batch_size, common.CHANNELS.get(model_name, 3), size, size).to(
+        device, memory_format=common.MEMORY_FORMAT["value"])
     batch = (images, torch.randint(0, 100, (batch_size,)).to(device))
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.autocast == "bf16" else \
         contextlib.nullcontext
@@ -56,12 +61,21 @@ def one(model_name: str, label: str, args: argparse.Namespace) -> dict:
         before = torch.cuda.memory_allocated()
         variant.step()
         torch.cuda.synchronize()
-        return {"peak_bytes": torch.cuda.max_memory_allocated(), "allocated_before_step": before,
-                "peak_reserved_bytes": torch.cuda.max_memory_reserved()}
+        row = {"peak_bytes": torch.cuda.max_memory_allocated(), "allocated_before_step": before,
+               "peak_reserved_bytes": torch.cuda.max_memory_reserved()}
+        torch.cuda.reset_peak_memory_stats()
+        (variant.update or variant.step)()
+        variant.step()
+        torch.cuda.synchronize()
+        return row | {"update_peak_bytes": torch.cuda.max_memory_allocated()}
     Path("/proc/self/clear_refs").write_text("5")
     before = _status("VmRSS")
     variant.step()
-    return {"peak_bytes": _status("VmHWM"), "rss_before_step": before}
+    row = {"peak_bytes": _status("VmHWM"), "rss_before_step": before}
+    Path("/proc/self/clear_refs").write_text("5")
+    (variant.update or variant.step)()
+    variant.step()
+    return row | {"update_peak_bytes": _status("VmHWM")}
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -74,12 +88,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--image-size", type=int, default=None, help="this image size for every model")
     parser.add_argument("--channels-last", action="store_true", help="channels_last weights and inputs")
     parser.add_argument("--parallel", type=int, default=1, help="variants measured at a time, each in its process")
+    parser.add_argument("--quick", action="store_true", help="LeNet, dense, static and rigl: a smoke test")
     parser.add_argument("--output", type=Path, default=Path(__file__).resolve().parent / "out" / "memory.json")
     parser.add_argument("--one", nargs=2, metavar=("MODEL", "VARIANT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.one:
         print(json.dumps(one(*args.one, args)))
         return []
+    if args.quick:
+        args.models, args.variants, args.parallel = ["lenet_300_100"], ["dense", "static", "rigl"], 2
     passed = ["--device", args.device, "--autocast", args.autocast]  # what each subprocess needs to know
     passed += ["--batch", str(args.batch)] if args.batch else []
     passed += ["--image-size", str(args.image_size)] if args.image_size else []
@@ -99,16 +116,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for model_name in args.models:
         with ThreadPoolExecutor(max_workers=max(1, args.parallel)) as pool:
             results += pool.map(measure, [model_name] * len(args.variants), args.variants)
-        dense = next((r["peak_bytes"] for r in results if r["model"] == model_name and r["variant"] == "dense"
-                      and "peak_bytes" in r), None)
-        for r in results:
-            if r["model"] == model_name and "peak_bytes" in r and dense:
-                r["ratio_to_dense"] = r["peak_bytes"] / dense
-    rows = [[r["model"], r["variant"], *([r["error"], ""] if "error" in r else
-            [f"{r['peak_bytes'] / 2**20:.0f}", f"{r['ratio_to_dense']:.3f}" if "ratio_to_dense" in r else "-"])]
-            for r in results]
-    print(f"peak memory of a training step at sparsity 0.9, {machine()} ({args.device}, {args.autocast} autocast)")
-    print(table(["model", "variant", "peak MiB", "x dense"], rows))
+        of = {r["variant"]: r for r in results if r["model"] == model_name and "peak_bytes" in r}
+        dense = of.get("dense")
+        for r in of.values():
+            if dense:
+                r["ratio_to_dense"] = r["peak_bytes"] / dense["peak_bytes"]
+                r["update_ratio_to_dense"] = r["update_peak_bytes"] / dense["update_peak_bytes"]
+    rows = [[r["model"], r["variant"], *([r["error"], "", "", ""] if "error" in r else
+            [f"{r['peak_bytes'] / 2**20:.0f}", f"{r['ratio_to_dense']:.3f}" if "ratio_to_dense" in r else "-",
+             f"{r['update_peak_bytes'] / 2**20:.0f}",
+             f"{r['update_ratio_to_dense']:.3f}" if "update_ratio_to_dense" in r else "-"])] for r in results]
+    print(f"peak memory of a training step at sparsity 0.9, {machine()} ({args.device}, {args.autocast} autocast), "
+          f"commit {common.commit()}")
+    print(table(["model", "variant", "step peak MiB", "step x dense", "update step peak MiB", "update x dense"], rows))
     write_json(args.output, {"machine": machine(), "device": args.device, "arguments": vars(args) | {
         "output": str(args.output)}, "results": results})
     return results

@@ -8,7 +8,12 @@ statistics are random, as after training, so that pruned channels output constan
 fold into their consumers. FLOPs are counted by `torch.utils.flop_counter.FlopCounterMode` for one sample;
 latencies are medians of interleaved rounds of the dense export and the shrunk one.
 
+Each configuration of threads and machine load is timed apart (a load of `N` runs `N` busy-loop processes beside
+the benchmark); only ratios within one configuration compare.
+
     python benchmarks/shrink.py                         # writes benchmarks/out/shrink.{json,md}
+    python benchmarks/shrink.py --threads 1 2 --loads 0 2
+    python benchmarks/shrink.py --quick                 # seconds: a 512-wide MLP
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import sys
 from pathlib import Path
 
 import torch
-from common import interleaved, machine, table, write_json, write_markdown
+from common import commit, competing_load, interleaved, load_average, machine, table, write_json, write_markdown
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
@@ -82,11 +87,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 32])
     parser.add_argument("--sparsities", nargs="+", type=float, default=[0.5, 0.75])
     parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
+    parser.add_argument("--loads", nargs="+", type=int, default=[0],
+                        help="busy-loop processes competing for the cores (0: none)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="a 512-wide MLP at 0.5, 2 rounds: a smoke test")
     parser.add_argument("--output-dir", type=Path, default=Path(__file__).resolve().parent / "out")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    if args.quick:
+        args.models, args.width, args.sparsities, args.batches, args.repeats = ["mlp"], 512, [0.5], [1], 2
     configs = [(m, s) for m in args.models for s in args.sparsities]
     results = []
     for name, sparsity in tqdm(configs, desc="shrink benchmark", file=sys.stderr):
@@ -101,20 +110,30 @@ def main(argv: list[str] | None = None) -> list[dict]:
         size = {"params": params(shrunk), "dense_params": params(dense), "flops": flops(shrunk, sample(name, 1, args)),
                 "dense_flops": flops(dense, sample(name, 1, args))}
         for batch in args.batches:
-            samples = interleaved({"dense": dense, "shrink": shrunk}, sample(name, batch, args), args.repeats)
-            ms = {k: 1000 * statistics.median(v) for k, v in samples.items()}
-            results.append({"model": name, "sparsity": sparsity, "batch": batch, **size, "dense_ms": ms["dense"],
-                            "shrink_ms": ms["shrink"], "speedup": ms["dense"] / ms["shrink"]})
-    columns = ["model", "channel sparsity", "batch", "params (dense -> shrink)", "MFLOPs per sample", "dense ms",
-               "shrink ms", "shrink x dense"]
-    rows = [[r["model"], r["sparsity"], r["batch"],
+            for threads in args.threads:
+                for load in args.loads:
+                    torch.set_num_threads(threads)
+                    with competing_load(load):
+                        average = load_average()
+                        samples = interleaved({"dense": dense, "shrink": shrunk}, sample(name, batch, args),
+                                              args.repeats)
+                    ms = {k: 1000 * statistics.median(v) for k, v in samples.items()}
+                    results.append({"model": name, "sparsity": sparsity, "batch": batch, "threads": threads,
+                                    "load": load, "load_average": average, **size, "dense_ms": ms["dense"],
+                                    "shrink_ms": ms["shrink"], "speedup": ms["dense"] / ms["shrink"]})
+    columns = ["model", "channel sparsity", "batch", "threads", "load", "params (dense -> shrink)",
+               "MFLOPs per sample", "dense ms", "shrink ms", "shrink x dense"]
+    rows = [[r["model"], r["sparsity"], r["batch"], r["threads"], r["load"],
              f"{r['dense_params'] / 1e6:.2f}M -> {r['params'] / 1e6:.2f}M ({r['params'] / r['dense_params']:.2f})",
              f"{r['dense_flops'] / 1e6:.4g} -> {r['flops'] / 1e6:.4g} ({r['flops'] / r['dense_flops']:.2f})",
              f"{r['dense_ms']:.2f}", f"{r['shrink_ms']:.2f}", f"{r['speedup']:.2f}x"] for r in results]
-    title = f"Shrink export, {machine()}, medians of {args.repeats} interleaved rounds"
+    title = (f"Shrink export, {machine(max(args.threads))}, medians of {args.repeats} interleaved rounds, commit "
+             f"{commit()}")
     print(title)
     print(table(columns, rows))
-    write_json(args.output_dir / "shrink.json", {"machine": machine(), "command": " ".join(sys.argv),
+    write_json(args.output_dir / "shrink.json", {"machine": machine(max(args.threads)),
+                                                 "command": " ".join(["python benchmarks/shrink.py",
+                                                                      *(sys.argv[1:] if argv is None else argv)]),
                                                  "repeats": args.repeats, "threads": args.threads,
                                                  "results": results})
     write_markdown(args.output_dir / "shrink.md", title, columns, rows)

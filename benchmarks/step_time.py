@@ -8,7 +8,9 @@ others on the CPU, a bias that a fixed order hands to whichever variant comes fi
 the median, the min-max and the ratio to dense; "amortized" adds one topology update every 100 steps
 (the methods' default period), timed separately.
 
-    python benchmarks/step_time.py                                  # CPU: resnet18, resnet50, vit_small
+    python benchmarks/step_time.py                                  # CPU: resnet18, resnet50, vit_small, LeNet
+    python benchmarks/step_time.py --models lenet_300_100 --threads 1 --repeats 40
+    python benchmarks/step_time.py --quick                          # seconds: LeNet only, 2 rounds
     python benchmarks/step_time.py --device cuda --autocast bf16 --batch-scale 8
     python benchmarks/step_time.py --device cuda --autocast bf16 --models resnet50 --batch 256 --image-size 224 \
         --channels-last --compile
@@ -24,7 +26,21 @@ from pathlib import Path
 
 import common
 import torch
-from common import MODELS, MORE_MODELS, Timer, machine, summary, table, variants, write_json
+from common import (
+    CHANNELS,
+    MODELS,
+    MORE_MODELS,
+    Timer,
+    commit,
+    competing_load,
+    load_average,
+    machine,
+    rotated,
+    summary,
+    table,
+    variants,
+    write_json,
+)
 from tqdm import tqdm
 
 logger = logging.getLogger("step_time")
@@ -44,7 +60,7 @@ def measure(model_name: str, args: argparse.Namespace, device: torch.device) -> 
     batch_size = args.batch or batch_size * args.batch_scale
     size = args.image_size or size
     g = torch.Generator().manual_seed(0)
-    images = torch.randn(batch_size, 3, size, size, generator=g)
+    images = torch.randn(batch_size, CHANNELS.get(model_name, 3), size, size, generator=g)
     batch = (images.to(device, memory_format=common.MEMORY_FORMAT["value"]),
              torch.randint(0, 100, (batch_size,), generator=g).to(device))
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.autocast == "bf16" else \
@@ -70,10 +86,10 @@ def measure(model_name: str, args: argparse.Namespace, device: torch.device) -> 
         graphs[label] = _graphs() - before
     samples = {label: [] for label in built}
     order, before = list(built), _graphs()
-    for round_index in tqdm(range(args.repeats), desc=f"{model_name} rounds", leave=False):
-        shift = round_index % len(order)
-        for label in order[shift:] + order[:shift]:
-            samples[label].append(timer(built[label].step))
+    with competing_load(args.load):
+        for round_index in tqdm(range(args.repeats), desc=f"{model_name} rounds", leave=False):
+            for label in rotated(order, round_index):
+                samples[label].append(timer(built[label].step))
     graphs_in_rounds = _graphs() - before  # recompiles while timed: should be none
     update_ms, update_errors = {}, {}
     for label, variant in built.items():
@@ -114,6 +130,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--update-repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--load", type=int, default=0, help="busy-loop processes competing for the cores meanwhile")
+    parser.add_argument("--quick", action="store_true", help="LeNet only, 2 rounds: a smoke test")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--autocast", choices=["none", "bf16"], default="none")
     parser.add_argument("--batch-scale", type=int, default=1, help="multiply the default batch sizes")
@@ -124,6 +142,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--compile-backend", default="inductor")
     parser.add_argument("--output", type=Path, default=Path(__file__).resolve().parent / "out" / "step_time.json")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.models = ["lenet_300_100"]
+        args.repeats, args.warmup, args.update_repeats = 2, 1, 1
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -135,10 +156,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
         f"{r['update_ms']:.1f}" if "update_ms" in r else ("failed" if "update_error" in r else ""),
         f"{r['amortized_ratio']:.3f}" if "update_ms" in r else ""])] for r in results]
     compiled = f", torch.compile ({args.compile_backend})" if args.compile else ""
-    print(f"training step, sparsity 0.9, {machine()}, {args.autocast} autocast{compiled}, medians of {args.repeats} "
-          f"interleaved rounds")
+    loaded = f", {args.load} competing busy processes" if args.load else ""
+    print(f"training step, sparsity 0.9, {machine()}, {args.autocast} autocast{compiled}{loaded}, medians of "
+          f"{args.repeats} interleaved rounds, load average {load_average()}, commit {commit()}")
     print(table(["model", "variant", "median ms", "min-max ms", "x dense", "update ms", "x dense amortized"], rows))
-    write_json(args.output, {"machine": machine(), "arguments": vars(args) | {"output": str(args.output)},
+    write_json(args.output, {"machine": machine(), "threads": args.threads, "load": args.load,
+                             "load_average": load_average(), "arguments": vars(args) | {"output": str(args.output)},
                              "results": results})
     return results
 

@@ -12,8 +12,9 @@ import math
 import numpy as np
 import torch
 
-__all__ = ["GROWTH_STREAM", "INIT_STREAM", "derive_seed", "global_top_k", "index_mask", "random_indices",
-           "random_positions", "top_k_indices", "top_k_mask"]
+__all__ = ["GROWTH_STREAM", "INIT_STREAM", "Outside", "ascending", "contains", "derive_seed", "global_top_k",
+           "index_mask", "nonzero_indices", "random_indices", "random_positions", "top_k_indices", "top_k_mask",
+           "top_k_outside", "top_k_per_row"]
 
 GROWTH_STREAM, INIT_STREAM = 0, 1
 
@@ -21,6 +22,25 @@ GROWTH_STREAM, INIT_STREAM = 0, 1
 def derive_seed(seed: int, *keys: int) -> int:
     """A 63-bit seed that depends only on `seed` and `keys` (numpy's SeedSequence hashing)."""
     return int(np.random.SeedSequence([seed, *keys]).generate_state(2, dtype=np.uint64)[0] >> np.uint64(1))
+
+
+def nonzero_indices(flags: torch.Tensor, count: int | None = None) -> torch.Tensor:
+    """The ascending flat indices of the True entries of the bool `flags` (`flags.reshape(-1).nonzero()`).
+
+    For few True entries (under 1 in 16; `count` of them, if known, else counted: one cheap pass) the search
+    runs over 8-byte words first and then within the words that hold one: `nonzero` over a bool tensor costs
+    several times a count on a CPU, and 2-5x less work this way (a selection's superset, a threshold's hits).
+    """
+    flat = flags.reshape(-1)
+    n = flat.numel()
+    if n < 1 << 16 or n % 8 or flat.storage_offset() % 8 or flat.device.type != "cpu":
+        return flat.nonzero().view(-1)
+    count = int(torch.count_nonzero(flat)) if count is None else count
+    if count * 16 > n:
+        return flat.nonzero().view(-1)
+    words = flat.view(torch.int64).nonzero().view(-1)
+    within = flat.view(-1, 8).index_select(0, words).view(-1).nonzero().view(-1)
+    return words.index_select(0, within >> 3) * 8 + (within & 7)
 
 
 _SAMPLE = 1 << 14  # sample size of the threshold estimate in `top_k_superset`
@@ -51,7 +71,7 @@ def top_k_superset(flat: torch.Tensor, k: int) -> torch.Tensor | None:
     sample = flat[_sample_positions(n, flat.device)]
     rank = min(_SAMPLE, 5 * k * _SAMPLE // (4 * n) + 64)  # 25% and 64 above the expected rank
     estimate = torch.kthvalue(sample, _SAMPLE - rank + 1).values
-    superset = (flat >= estimate).nonzero().view(-1)
+    superset = nonzero_indices(flat >= estimate)
     return superset if superset.numel() >= k else None
 
 
@@ -59,7 +79,7 @@ def _top_k_search(flat: torch.Tensor, k: int) -> tuple[torch.Tensor | None, torc
     """`(superset, values, kth)`: where to look (`top_k_superset`, None for all of `flat`), the entries
     there, and the `k`-th largest value of the 1-D `flat` (`1 <= k <= n`), exactly, in O(n)."""
     superset = top_k_superset(flat, k)
-    values = flat if superset is None else flat[superset]
+    values = flat if superset is None else flat.index_select(0, superset)
     return superset, values, torch.kthvalue(values, values.numel() - k + 1).values
 
 
@@ -94,31 +114,182 @@ def top_k_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
         return torch.arange(n if k >= n else 0, device=flat.device)
     superset, values, kth = _top_k_search(flat, k)
     chosen = _at_least(values, kth, k).nonzero().view(-1)
-    return chosen if superset is None else superset[chosen]
+    return chosen if superset is None else superset.index_select(0, chosen)
 
 
-def random_indices(candidates: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
-    """`count` flat (row-major) indices drawn uniformly without replacement among the True `candidates`.
+def ascending(indices: torch.Tensor) -> torch.Tensor:
+    """`indices` sorted ascending (itself when it already is)."""
+    if indices.numel() < 2 or bool((indices[1:] >= indices[:-1]).all()):
+        return indices
+    return indices.sort().values
+
+
+def contains(ascending_set: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Bool, for each of `values`: whether it is in the ascending 1-D `ascending_set` (a binary search each: far
+    cheaper than `torch.isin`, which sorts both)."""
+    if not ascending_set.numel() or not values.numel():
+        return torch.zeros(values.shape, dtype=torch.bool, device=values.device)
+    ascending_set = ascending_set.contiguous()
+    found = torch.searchsorted(ascending_set, values).clamp_(max=ascending_set.numel() - 1)
+    return ascending_set.index_select(0, found) == values
+
+
+class Outside:
+    """Candidate positions without a full-size tensor: where the flat bool `mask` is False, except the flat
+    indices `exclude` (positions where it is False), and the flat indices `also` (positions where it is True).
+
+    A grow step's candidates are the inactive positions and the ones just dropped (or the inactive ones except
+    those just pruned, for DSR); building them as a bool tensor costs two or three passes over the weights,
+    where a selection needs them only at the few positions it looks at (`at`).
+
+    Args:
+        mask: the flat bool mask (not copied: do not write it while this is in use).
+        also: distinct flat indices where `mask` is True that are candidates too.
+        exclude: distinct flat indices where `mask` is False that are not candidates, and the same as a bool
+            tensor of `mask`'s shape if one is at hand (`(indices, flags)`: a look-up instead of a search).
+        active: the number of True entries of `mask`, if known (else counted).
+    """
+
+    def __init__(self, mask: torch.Tensor, also: torch.Tensor | None = None,
+                 exclude: tuple[torch.Tensor, torch.Tensor | None] | None = None, active: int | None = None) -> None:
+        self.mask = mask.reshape(-1)
+        empty = torch.empty(0, dtype=torch.long, device=self.mask.device)
+        self.also = empty if also is None else ascending(also.to(self.mask.device))
+        indices, flags = (empty, None) if exclude is None else exclude
+        self.exclude = ascending(indices.to(self.mask.device))
+        self.excluded = None if flags is None or not self.exclude.numel() else flags.reshape(-1)
+        self.numel = self.mask.numel()
+        active = int(torch.count_nonzero(self.mask)) if active is None else active
+        self.count = self.numel - active + self.also.numel() - self.exclude.numel()
+
+    def at(self, indices: torch.Tensor) -> torch.Tensor:
+        """Bool, for each of the flat `indices`: whether it is a candidate."""
+        masked = self.mask.index_select(0, indices)
+        chosen = masked.logical_not()
+        if self.also.numel():
+            inside = masked.nonzero().view(-1)
+            chosen[inside] = contains(self.also, indices.index_select(0, inside))
+        if self.excluded is not None:
+            chosen &= self.excluded.index_select(0, indices).logical_not_()
+        elif self.exclude.numel():
+            chosen &= contains(self.exclude, indices).logical_not_()
+        return chosen
+
+    def full(self) -> torch.Tensor:
+        """The candidates as a flat bool tensor."""
+        return self.mask.logical_not().index_fill_(0, self.exclude, False).index_fill_(0, self.also, True)
+
+
+def top_k_outside(scores: torch.Tensor, k: int, candidates: Outside) -> torch.Tensor:
+    """`top_k_indices` among the `candidates` only (the others count as `-inf`), without a full-size copy of
+    `scores` with the others masked: the same ascending flat indices, ties to the lower index.
+
+    The threshold estimate is the one `top_k_superset` makes of the masked scores; the compare pass then runs
+    on `scores` itself, and the superset keeps its candidates. Requires `k <= candidates.count`.
+    """
+    flat = scores.detach().reshape(-1)
+    n = flat.numel()
+    if k <= 0:
+        return torch.empty(0, dtype=torch.long, device=flat.device)
+    if n > 4 * _SAMPLE and k < n // 8:
+        positions = _sample_positions(n, flat.device)
+        sample = flat.index_select(0, positions).masked_fill_(candidates.at(positions).logical_not_(), float("-inf"))
+        rank = min(_SAMPLE, 5 * k * _SAMPLE // (4 * n) + 64)
+        estimate = torch.kthvalue(sample, _SAMPLE - rank + 1).values
+        if bool(estimate > float("-inf")):
+            superset = nonzero_indices(flat >= estimate)
+            superset = superset[candidates.at(superset)]
+            if superset.numel() >= k:
+                values = flat.index_select(0, superset)
+                kth = torch.kthvalue(values, values.numel() - k + 1).values
+                return superset[_at_least(values, kth, k).nonzero().view(-1)]
+    allowed = candidates.full()
+    chosen = top_k_indices(torch.where(allowed, flat, float("-inf")), k)
+    return chosen[allowed[chosen]]
+
+
+def _row_sums(flags: torch.Tensor) -> torch.Tensor:
+    """The True entries of each row of a contiguous 2-D bool tensor (a byte sum: several times `sum(1)`'s speed)."""
+    return flags.view(torch.uint8).sum(1, dtype=torch.int32).long() if flags.is_contiguous() else flags.sum(1)
+
+
+def _top_k_per_row_exact(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """`top_k_per_row` by a partial selection (`topk`) of the largest count in every row."""
+    largest = min(int(counts.max()), scores.shape[1])
+    kth = torch.topk(scores, largest, dim=1, sorted=True).values.gather(1, (counts - 1).clamp(0, largest - 1)
+                                                                          .view(-1, 1))
+    kth[counts == 0] = float("inf")  # (a row that chooses nothing: nothing is above +inf, no score equals it)
+    chosen = scores > kth
+    ties = scores == kth
+    missing = counts - _row_sums(chosen)
+    tied = _row_sums(ties)
+    chosen |= ties & ((missing >= tied) & (missing > 0)).view(-1, 1)  # every tie is chosen
+    partial = ((missing > 0) & (missing < tied)).nonzero().view(-1)
+    if partial.numel():  # the first `missing` ties of the row, by index
+        some = ties.index_select(0, partial)
+        some &= some.cumsum(1) <= missing.index_select(0, partial).view(-1, 1)
+        chosen[partial] |= some
+    return chosen
+
+
+def top_k_per_row(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """In each row of the 2-D `scores`, the `counts[row]` largest entries (ties: lower index first), as a bool
+    tensor of `scores`' shape: what a stable descending sort of every row gives, without sorting the rows.
+
+    One partial selection (`topk` of the largest count plus one) ranks every row; a row whose `counts[row]`-th
+    score is above the next one takes its first `counts[row]` entries as they are (no tie crosses its boundary),
+    and the rows where one does are resolved exactly, ties by index. Scores must not be NaN; `-inf` entries are
+    chosen last (by index) if a row asks for more than the others. (Sampling a threshold per row and ranking only
+    the entries above it was measured slower on 2048 x 2048: the compaction costs what `topk` saves.)
+    """
+    rows, columns = scores.shape
+    counts = counts.to(scores.device).long().clamp(max=columns)
+    largest = int(counts.max()) if rows else 0
+    if largest <= 0:
+        return torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+    if largest >= columns:
+        return _top_k_per_row_exact(scores, counts)
+    values, indices = torch.topk(scores, largest + 1, dim=1, sorted=True)
+    at = counts.view(-1, 1)
+    clean = (values.gather(1, (at - 1).clamp(min=0)) > values.gather(1, at)).view(-1) | (counts == 0)
+    taken = torch.arange(largest + 1, device=scores.device).view(1, -1) < at
+    taken &= clean.view(-1, 1)
+    flat = (indices + (torch.arange(rows, device=scores.device) * columns).view(-1, 1))[taken]
+    chosen = index_mask(flat, scores.shape, scores.device)
+    tied = (~clean).nonzero().view(-1)
+    if tied.numel():
+        chosen[tied] = _top_k_per_row_exact(scores.index_select(0, tied), counts.index_select(0, tied))
+    return chosen
+
+
+def random_indices(candidates: torch.Tensor | Outside, count: int, generator: torch.Generator) -> torch.Tensor:
+    """`count` flat (row-major) indices drawn uniformly without replacement among the True `candidates` (a
+    bool tensor, or an `Outside`).
 
     Costs O(count) when candidates are common: uniform draws over all positions, rejecting the others,
     and, when more distinct ones came than needed, a uniform subset of them (still a uniform subset of
     the candidates). Else O(n): a random permutation of the candidates.
     """
-    flat = candidates.reshape(-1)
-    n, device = flat.numel(), flat.device
+    if isinstance(candidates, Outside):
+        flat, n, total, at = None, candidates.numel, candidates.count, candidates.at
+        device = candidates.mask.device
+    else:
+        flat = candidates.reshape(-1)
+        n, device = flat.numel(), flat.device
+        total = int(torch.count_nonzero(flat)) if count else 0
+        at = flat.__getitem__
     if not count:
         return torch.empty(0, dtype=torch.long, device=device)
-    total = int(torch.count_nonzero(flat))
     if count > total:
         raise ValueError(f"cannot draw {count} positions among {total} candidates")
     if 4 * count > total or 4 * total < n:
-        indices = flat.nonzero().view(-1)
+        indices = (candidates.full() if flat is None else flat).nonzero().view(-1)
         return indices[torch.randperm(total, generator=generator, device=device)[:count]]
     picked = torch.empty(0, dtype=torch.long, device=device)
     while picked.numel() < count:
         draws = torch.randint(n, ((count - picked.numel()) * n // total * 5 // 4 + 16,), generator=generator,
                               device=device)
-        picked = torch.unique(torch.cat([picked, draws[flat[draws]]]))
+        picked = torch.unique(torch.cat([picked, draws[at(draws)]]))
     if picked.numel() > count:
         picked = picked[torch.randperm(picked.numel(), generator=generator, device=device)[:count]]
     return picked

@@ -67,7 +67,8 @@ def test_step_time_benchmark_smoke(tmp_path):
 def test_reallocation_and_memory_and_inference_benchmarks_smoke(tmp_path):
     realloc = tmp_path / "reallocation.json"
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "reallocation.py"), "--sizes", "1",
-                             "--methods", "dsr", "rigl", "--peers", "--repeats", "1", "--output", str(realloc)],
+                             "--methods", "dsr", "rigl", "--peers", "--repeats", "1", "--threads", "1", "--output",
+                             str(realloc)],
                             capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads(realloc.read_text())["results"]
@@ -78,3 +79,74 @@ def test_reallocation_and_memory_and_inference_benchmarks_smoke(tmp_path):
     inference = run_benchmark("inference", "--models", "mlp_4096x3", "--batches", "1", "--sparsities", "0.9",
                               "--repeats", "2", tmp_path=tmp_path)
     assert {r["format"] for r in inference["results"]} == {"dense", "csr"}
+
+
+# --- the quick forms: every benchmark end to end in seconds, its JSON rendered as the docs render it -------------
+def quick(script: str, tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), "--quick", *args]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "commit" in result.stdout and "cores" in result.stdout  # the machine and the commit in the header
+    return result
+
+
+def rendered(renderer_name: str, report: dict) -> str:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import docs_tables
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    return getattr(docs_tables, renderer_name)(report)
+
+
+def test_step_time_quick_form(tmp_path):
+    quick("step_time", tmp_path, "--variants", "dense", "static", "rigl", "prune", "--output", str(tmp_path / "s.json"))
+    report = json.loads((tmp_path / "s.json").read_text())
+    rows = {r["variant"]: r for r in report["results"]}
+    assert set(rows) == {"dense", "static", "rigl", "prune"} and rows["rigl"]["update_ms"] > 0
+    assert {r["model"] for r in rows.values()} == {"lenet_300_100"} and report["threads"] == 2 and report["commit"]
+    assert "| lenet_300_100 (100, 28 px) |" in rendered("_step_time", report)
+
+
+def test_reallocation_quick_form_interleaves_per_thread_count_and_load(tmp_path):
+    quick("reallocation", tmp_path, "--loads", "0", "1", "--output", str(tmp_path / "r.json"))
+    rows = json.loads((tmp_path / "r.json").read_text())["results"]
+    assert {(r["variant"], r["threads"], r["load"]) for r in rows} == {(v, 1, load) for v in ("dsr", "rigl")
+                                                                          for load in (0, 1)}
+    assert all(r["median_ms"] > 0 and r["repeats"] == 2 for r in rows)
+    table = rendered("_reallocation", {"results": rows})
+    assert "| 1M | 1 thread, quiet |" in table and "| 1M | 1 thread, load 1 |" in table
+
+
+def test_inference_condensed_and_shrink_quick_forms(tmp_path):
+    quick("inference", tmp_path, "--output", str(tmp_path / "i.json"))
+    inference = json.loads((tmp_path / "i.json").read_text())
+    assert {(r["format"], r["threads"]) for r in inference["results"]} == {("dense", 1), ("csr", 1)}
+    assert "| mlp_4096x3 | 1 | 1 thread, quiet |" in rendered("_inference", inference)
+    quick("condensed", tmp_path, "--output-dir", str(tmp_path))
+    condensed = json.loads((tmp_path / "condensed.json").read_text())
+    assert {(r["batch"], r["threads"]) for r in condensed["results"]} == {(b, t) for b in (1, 32) for t in (1, 2)}
+    assert "| mlp | 1 | 2 threads, quiet |" in rendered("_condensed", condensed)
+    quick("shrink", tmp_path, "--output-dir", str(tmp_path))
+    shrink = json.loads((tmp_path / "shrink.json").read_text())
+    assert all(r["params"] < r["dense_params"] for r in shrink["results"])
+    assert "| mlp | 0.5 | 1 | 1 thread, quiet |" in rendered("_shrink", shrink)
+
+
+def test_memory_quick_form_measures_the_update_step_too(tmp_path):
+    quick("memory", tmp_path, "--output", str(tmp_path / "m.json"))
+    rows = {r["variant"]: r for r in json.loads((tmp_path / "m.json").read_text())["results"]}
+    assert set(rows) == {"dense", "static", "rigl"}
+    assert all(r["update_peak_bytes"] > 0 and r["update_ratio_to_dense"] > 0.5 for r in rows.values())
+    assert "(dense " in rendered("_memory", {"results": list(rows.values())})
+
+
+def test_every_published_table_renders():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import docs_tables
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    for name, (file, _) in docs_tables.TABLES.items():
+        if (docs_tables.RESULTS / file).exists():
+            assert docs_tables.render(name).startswith("| "), name

@@ -15,10 +15,12 @@ __all__ = ["Transaction", "fill", "read", "write"]
 
 
 def read(tensor: torch.Tensor, indices: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
-    """A copy of `tensor`'s values at flat row-major `indices` (or at the bool `positions` when not contiguous)."""
+    """A copy of `tensor`'s values at flat row-major `indices` (or at the bool `positions` when not contiguous).
+
+    (`index_select` always copies: no `clone` needed.)"""
     if tensor.is_contiguous() or positions is None:
-        return tensor.reshape(-1)[indices.to(tensor.device)].clone()
-    return tensor[positions.to(tensor.device)].clone()
+        return tensor.reshape(-1).index_select(0, indices.to(tensor.device))
+    return tensor[positions.to(tensor.device)]
 
 
 def write(tensor: torch.Tensor, indices: torch.Tensor, positions: torch.Tensor | None, values: torch.Tensor) -> None:

@@ -9,6 +9,8 @@ the open `Transaction` (if any), so an update that fails halfway is undone exact
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from .._masking.gradients import DenseGradient
@@ -22,7 +24,25 @@ from ..distributed.ddp import all_reduce_mean
 from ..errors import DSTError
 from ..schedules import UpdateSchedule
 
-__all__ = ["SparsityContext"]
+__all__ = ["SparsityContext", "TensorVersion"]
+
+
+class TensorVersion:
+    """A tensor's identity and content version: equal while it is the same live tensor and nothing wrote it in
+    place (`Tensor._version`, which every in-place write bumps, as `masked_weight` relies on too). A weak
+    reference: a tensor freed and another allocated at the same address is not equal."""
+
+    __slots__ = ("ref", "state")
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.ref = weakref.ref(tensor)
+        self.state = (tensor.data_ptr(), tensor._version, tuple(tensor.shape))
+
+    def __eq__(self, other: object) -> bool:
+        return (isinstance(other, TensorVersion) and self.state == other.state and self.ref() is not None
+                and self.ref() is other.ref())
+
+    __hash__ = None
 
 
 class SparsityContext:
@@ -54,6 +74,26 @@ class SparsityContext:
         self.pruned = [0] * len(targets)
         self.grown = [0] * len(targets)
         self.dirty: set[int] = set()
+        self.grown_indices: list[list[torch.Tensor]] = [[] for _ in targets]  # element indices activated
+        self.written: set[int] = set()  # layers written since the last `take_written`
+        self._counts: dict[int, tuple[TensorVersion, int]] = {}
+
+    def active_groups(self, layer: int, exact: bool = False) -> int:
+        """The active groups of `layer`, counted again only if its mask was written since it last was (other than
+        through `set_indices`, which keeps the count; `exact`: count anyway)."""
+        target = self.targets[layer]
+        if target.sharded:  # (a shard at rest caches its own full counts)
+            return target.active_groups()
+        key = TensorVersion(target.mask)
+        cached = self._counts.get(layer)
+        if exact or cached is None or cached[0] != key:
+            cached = self._counts[layer] = (key, target.active_groups())
+        return cached[1]
+
+    def take_written(self) -> set[int]:
+        """The layers `set_indices` wrote since the last call."""
+        written, self.written = self.written, set()
+        return written
 
     seed = property(lambda self: self.config.seed, doc="The seed of every random draw.")
     target_sparsity = property(lambda self: self.config.sparsity, doc="The sparsity `apply` was asked for.")
@@ -105,8 +145,15 @@ class SparsityContext:
             param = target.param
             state = optimizer_state_like(unwrap_optimizer(self.optimizer), param)
             tensors = [t for t in (param, param.grad, *state) if t is not None]
+            cached = self._counts.get(layer) if not target.sharded else None
+            known = cached is not None and cached[0] == TensorVersion(target.mask)
             target.write(indices, positions, active, tensors, self.transaction)
             self.dirty.add(layer)
+            self.written.add(layer)
+            if known:  # (every index changes state: the count moves by exactly `count`; recounted at the end)
+                self._counts[layer] = (TensorVersion(target.mask), cached[1] + (count if active else -count))
+            if active:
+                self.grown_indices[layer].append(indices)
         if active:
             self.grown[layer] += count
         else:
@@ -132,3 +179,9 @@ class SparsityContext:
         changes = (self.pruned, self.grown)
         self.pruned, self.grown = [0] * len(self.targets), [0] * len(self.targets)
         return changes
+
+    def take_grown_indices(self) -> list[torch.Tensor]:
+        """Per layer, the flat element indices activated since the last call (concatenated)."""
+        taken = [torch.cat(i) if i else None for i in self.grown_indices]
+        self.grown_indices = [[] for _ in self.targets]
+        return taken

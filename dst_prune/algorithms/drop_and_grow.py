@@ -31,10 +31,12 @@ from typing import ClassVar
 
 import torch
 
+from .._masking.target import SparseTarget
 from .._scores import finite_scores
-from .._selection import index_mask
+from .._selection import Outside, ascending, contains, index_mask, random_indices, top_k_indices, top_k_outside
 from .._validation import check_number
 from ..errors import DSTError
+from ..groups import Grouping
 from ..schedules import check_decay, decayed_fraction
 from .base import SparseAlgorithm
 
@@ -123,26 +125,38 @@ class DropAndGrow(SparseAlgorithm):
 
     def exchange(self, fraction: float) -> None:
         """Drop `floor(fraction * active)` groups per layer and grow as many (or `grow_counts`) back."""
-        drops, rooms = [], []
+        drops, rooms, actives = [], [], []
         for layer, target in enumerate(self.targets):
-            active = target.active_groups()
-            drops.append(self.weakest_active(layer, min(int(fraction * active), active - 1),
-                                             self._checked(self.drop_scores(layer), layer, "drop_scores")))
-            rooms.append(target.n_groups - active + drops[-1].numel())
+            if self._drops_by_magnitude(layer):
+                drop, active = self._weakest_by_magnitude(layer, fraction)
+            else:
+                active = target.active_groups()
+                drop = self.weakest_active(layer, min(int(fraction * active), active - 1),
+                                           self._checked(self.drop_scores(layer), layer, "drop_scores"))
+            drops.append(drop)
+            actives.append(active)
+            rooms.append(target.n_groups - active + drop.numel())
         dropped = [d.numel() for d in drops]
         redistributes = all(t.grouping.redistributes for t in self.targets)
         counts = self._checked_counts(self.grow_counts(dropped, rooms), dropped, rooms) if redistributes else dropped
         for layer, target in enumerate(self.targets):
             grouping, drop = target.grouping, drops[layer]
-            candidates = target.group_mask().logical_not().reshape(-1).index_fill_(0, drop, True)
             scores = self.grow_scores(layer)
             if scores is not None:
                 scores = finite_scores(self._checked(scores, layer, "grow_scores"), target.name, "growth")
-            grow = grouping.regrow(candidates, counts[layer], self.generator(layer), scores=scores, dropped=drop)
+            if type(grouping).regrow is Grouping.regrow and 16 * drop.numel() <= target.n_groups:
+                # the inactive groups and the dropped, never materialized (a few percent of them change)
+                candidates = Outside(target.group_mask(), also=drop, active=actives[layer])
+                grow = (random_indices(candidates, counts[layer], self.generator(layer)) if scores is None else
+                        top_k_outside(scores, counts[layer], candidates))
+                regrown = contains(ascending(grow[contains(ascending(drop), grow)]), drop)
+            else:
+                candidates = target.group_mask().logical_not().reshape(-1).index_fill_(0, drop, True)
+                grow = grouping.regrow(candidates, counts[layer], self.generator(layer), scores=scores, dropped=drop)
+                regrown = candidates.index_fill_(0, grow, False)[drop].logical_not_()
             # A group dropped and drawn again keeps its weights: only the net changes are written.
-            not_regrown = candidates.index_fill_(0, grow, False)  # (candidates is scratch from here on)
-            pruned, grown = drop[not_regrown[drop]], grow[target.group_mask().reshape(-1)[grow].logical_not_()]
-            broken = self._non_finite(layer, drop[~not_regrown[drop]])  # regrown, but its weights are NaN/inf:
+            pruned, grown = drop[~regrown], grow[target.group_mask().reshape(-1)[grow].logical_not_()]
+            broken = self._non_finite(layer, drop[regrown])  # regrown, but its weights are NaN/inf:
             pruned, grown = torch.cat([pruned, broken]), torch.cat([grown, broken])  # it restarts at zero
             if grouping.elementwise:  # exact already: no re-validation pass
                 self.set_indices(layer, pruned, False)
@@ -150,6 +164,27 @@ class DropAndGrow(SparseAlgorithm):
             else:
                 self.prune(layer, index_mask(pruned, grouping.group_shape, target.mask.device))
                 self.grow(layer, index_mask(grown, grouping.group_shape, target.mask.device))
+
+    def _drops_by_magnitude(self, layer: int) -> bool:
+        """Whether `layer` drops by the default `|w|` of single weights (nothing overridden), which
+        `_weakest_by_magnitude` ranks among the active weights only (when they are at most a quarter)."""
+        cls, target = type(self), self.targets[layer]
+        return (target.grouping.elementwise and 4 * self.context.active_groups(layer) <= target.n_groups
+                and cls.drop_scores is DropAndGrow.drop_scores
+                and cls.weakest_active is SparseAlgorithm.weakest_active
+                and cls.magnitudes is SparseAlgorithm.magnitudes and type(target).scores is SparseTarget.scores
+                and type(target.grouping).reduce is Grouping.reduce)
+
+    def _weakest_by_magnitude(self, layer: int, fraction: float) -> tuple[torch.Tensor, int]:
+        """`(weakest, active)`: what `weakest_active(layer, floor(fraction * active))` returns with the default
+        scores, and the number of active weights, ranking the active weights only (a tenth of the tensor at 90%
+        sparsity) instead of a full-size `|w|` masked with `-inf`: the same indices, ties to the lower one."""
+        target = self.targets[layer]
+        active_indices = target.mask.reshape(-1).nonzero().view(-1)
+        active = active_indices.numel()
+        magnitudes = finite_scores(target.orig.detach().reshape(-1).index_select(0, active_indices).abs_(), target.name)
+        weakest = top_k_indices(magnitudes.neg_(), min(int(fraction * active), active - 1))
+        return active_indices.index_select(0, weakest), active
 
     def _checked(self, scores: object, layer: int, what: str) -> torch.Tensor:
         """`scores` if it is one score per group of `layer` (a wrong shape would broadcast into wrong positions)."""

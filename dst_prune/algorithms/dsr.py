@@ -8,10 +8,11 @@ import logging
 import torch
 
 from .._scores import warn_non_finite
-from .._selection import index_mask, top_k_mask
+from .._selection import Outside, index_mask, nonzero_indices, random_indices, top_k_mask
 from .._validation import check_number
 from ..budget.distributions import apportion
 from ..errors import DSTError
+from ..groups import Grouping
 from .base import SparseAlgorithm
 from .registry import register_method
 
@@ -56,7 +57,7 @@ class DSR(SparseAlgorithm):
         self.pruning_threshold = check_number(self.pruning_threshold, "pruning_threshold", low=0.0, low_open=True)
         self.threshold = self.pruning_threshold  # `H`, which adapts at every update (the hyperparameter stays)
         self.delta = check_number(self.delta, "delta", low=0.0, high=1.0)
-        self._pruned: list[torch.Tensor] | None = None  # positions pruned in the update under way
+        self._pruned: list[tuple] | None = None  # (group indices, bool groups) pruned in the update under way
         self._adjusted = False
         self._freed: list[int] = []
         self._surviving: list[int] = []
@@ -104,15 +105,19 @@ class DSR(SparseAlgorithm):
         self._refuse_pending("prune_by_threshold()")
         pruned, freed, surviving = [], [], []
         for layer, target in enumerate(self.targets):
-            active_groups = target.group_mask()
-            warn_non_finite(target.orig.detach(), target.name)  # (they are below any threshold)
-            below = target.grouping.below(target.orig, self.threshold).logical_and_(active_groups)
-            active = int(torch.count_nonzero(active_groups))
-            if active and int(torch.count_nonzero(below)) == active:  # keep the strongest: never empty a tensor
-                below &= ~top_k_mask(self.magnitudes(layer).masked_fill(~active_groups, float("-inf")), 1)
-            count = (self.set_indices(layer, below.reshape(-1).nonzero().view(-1), False, below)
-                     if target.grouping.elementwise else self.prune(layer, below))
-            pruned.append(below)
+            grouping, orig = target.grouping, target.orig.detach()
+            active = self.context.active_groups(layer)
+            bad = warn_non_finite(orig, target.name)  # (they are below any threshold)
+            if grouping.elementwise and not bad and orig.dtype in (torch.float32, torch.float64):
+                below = torch.lt(orig.abs(), self.threshold).logical_and_(target.mask)  # (finite: |w| < H)
+            else:
+                below = grouping.below(target.orig, self.threshold).logical_and_(target.group_mask())
+            indices = nonzero_indices(below)
+            if active and indices.numel() == active:  # keep the strongest: never empty a tensor
+                below &= ~top_k_mask(self.magnitudes(layer).masked_fill(~target.group_mask(), float("-inf")), 1)
+                indices = nonzero_indices(below)
+            count = self.set_indices(layer, indices, False, below) if grouping.elementwise else self.prune(layer, below)
+            pruned.append((indices, below))
             freed.append(count)
             surviving.append(active - count)
         self._pruned, self._freed, self._surviving, self._adjusted = pruned, freed, surviving, False
@@ -150,20 +155,26 @@ class DSR(SparseAlgorithm):
         counts = apportion(freed, surviving, room) if redistributes else list(self._freed)
         grown = 0
         for layer, (target, count) in enumerate(zip(self.targets, counts)):
-            grouping, inactive = target.grouping, target.group_mask().logical_not()
-            dropped = pruned[layer].reshape(-1).nonzero().view(-1)
-            if grouping.redistributes:  # inactive and (unless reused) not just pruned: ~(mask | pruned)
-                candidates = inactive if reuse_pruned else inactive.logical_and_(pruned[layer].logical_not())
-                grow = grouping.regrow(candidates.reshape(-1), count, self.generator(layer))
+            grouping, (dropped, dropped_flags) = target.grouping, pruned[layer]
+            if grouping.redistributes and type(grouping).regrow is Grouping.regrow:  # ~(mask | pruned), never built
+                candidates = Outside(target.group_mask(), exclude=None if reuse_pruned else (dropped, dropped_flags),
+                                     active=self.context.active_groups(layer))
+                grow = random_indices(candidates, count, self.generator(layer))
+            elif grouping.redistributes:
+                inactive = target.group_mask().logical_not().reshape(-1)
+                candidates = inactive if reuse_pruned else inactive.index_fill_(0, dropped, False)
+                grow = grouping.regrow(candidates, count, self.generator(layer))
             else:  # within each block, never-pruned zeros first
-                scores = torch.rand(grouping.group_shape, generator=self.generator(layer),
-                                    device=inactive.device) + 2.0 * pruned[layer].logical_not()
+                inactive = target.group_mask().logical_not()
+                bonus = torch.full((grouping.n_groups,), 2.0, device=inactive.device).index_fill_(0, dropped, 0.0)
+                scores = torch.rand(grouping.group_shape, generator=self.generator(layer), device=inactive.device)
+                scores += bonus.view(grouping.group_shape)
                 grow = grouping.regrow(inactive.reshape(-1), count, self.generator(layer), scores=scores,
                                        dropped=dropped)
             if grouping.elementwise:
                 grown += self.set_indices(layer, grow, True)
             else:
-                grown += self.grow(layer, index_mask(grow, grouping.group_shape, inactive.device))
+                grown += self.grow(layer, index_mask(grow, grouping.group_shape, target.mask.device))
         self._pruned, self._adjusted = None, False
         return grown
 

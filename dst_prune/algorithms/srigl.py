@@ -7,8 +7,8 @@ import math
 
 import torch
 
-from .._scores import finite_scores
-from .._selection import top_k_mask
+from .._scores import all_finite, finite_scores
+from .._selection import Outside, nonzero_indices, top_k_indices, top_k_mask, top_k_outside, top_k_per_row
 from .._validation import check_int, check_number
 from ..errors import DSTError
 from ..groups import Grouping, top_k_per_block
@@ -17,6 +17,13 @@ from .registry import register_method
 from .rigl import RigL
 
 __all__ = ["SRigL"]
+
+
+def _row_counts(rows: torch.Tensor) -> torch.Tensor:
+    """The True entries of each row of a 2-D bool tensor (a byte sum: several times faster than `sum(1)`)."""
+    if rows.is_contiguous():
+        return rows.view(torch.uint8).sum(1, dtype=torch.int32).long()
+    return rows.sum(1)
 
 
 @register_method("srigl")
@@ -98,7 +105,7 @@ class SRigL(RigL):
     def check_ready(self) -> None:
         """Refuse masks without a constant fan-in (loaded from another method), naming the layer."""
         for target in self.targets:
-            counts = rows_of(target.mask, target.grouping.layout[0]).sum(1)
+            counts = _row_counts(rows_of(target.mask, target.grouping.layout[0]))
             active = counts[counts > 0]
             if active.numel() and int(active.min()) != int(active.max()):
                 raise DSTError(f"the mask of {target.name} has {int(active.min())} to {int(active.max())} active "
@@ -114,23 +121,34 @@ class SRigL(RigL):
         return max(self.min_salient_weights, math.ceil(self.gamma_sal * fan_in - 1e-9))
 
     def _update_layer(self, layer: int, fraction: float) -> int:
+        """Steps 1-4 in `layer`; returns its active neurons. Rankings run among the weights that take part (the
+        active ones to keep, the others to grow), without full-size masked copies or full sorts of the rows."""
         target = self.targets[layer]
         out_dim, shape = target.grouping.layout[0], target.shape
         mask = rows_of(target.mask, out_dim)
         out, fan = mask.shape
-        budget = int(mask.sum())
-        fan_in = budget // max(1, int(mask.any(1).sum()))
+        active_indices = nonzero_indices(mask, self.context.active_groups(layer))
+        budget = active_indices.numel()
+        row_counts = torch.bincount(active_indices // fan, minlength=out)
+        fan_in = budget // max(1, int(torch.count_nonzero(row_counts)))
+        finite = all_finite(target.orig)
         magnitude = rows_of(finite_scores(target.orig.detach().abs(), target.name), out_dim)
         gradient = rows_of(self.gradients[layer].abs().float(), out_dim)  # finite: all-reduced and checked
         drops = min(int(fraction * budget), budget - 1)
-        # 1. RigL's layer-wise keep and would-be growth
-        kept = top_k_mask(magnitude.masked_fill(~mask, float("-inf")), budget - drops)
-        growth = top_k_mask(gradient.masked_fill(kept, float("-inf")), drops) & (gradient > 0)
+        # 1. RigL's layer-wise keep (the budget - drops largest |w| of the active, ties: the lower index kept, so the
+        #    dropped are the smallest, ties: the higher index) and would-be growth (the drops largest |dL/dW| outside)
+        values = magnitude.reshape(-1).index_select(0, active_indices)
+        weakest = top_k_indices(values.flip(0).neg_(), drops)  # (reversed: ties go to the higher index)
+        dropped = active_indices.index_select(0, budget - 1 - weakest)
+        kept = mask.reshape(-1).clone().index_fill_(0, dropped, False).view(out, fan)
+        growth = top_k_outside(gradient, drops, Outside(kept, active=budget - drops))
+        growth = growth[gradient.reshape(-1).index_select(0, growth) > 0]
         # 2-3. saliency and ablation
-        salient = (kept | growth).sum(1)
+        kept_counts = row_counts - torch.bincount(dropped // fan, minlength=out)
+        salient = kept_counts + torch.bincount(growth // fan, minlength=out)
         passing = int((salient >= self._threshold(fan_in)).sum())
         neurons = neurons_for(budget, max(1, passing), out, fan)
-        strength = torch.where(kept, magnitude, 0.0).double().sum(1)
+        strength = torch.where(kept, magnitude, 0.0).sum(1, dtype=torch.float64)
         order = torch.sort(strength, descending=True, stable=True).indices
         order = order[torch.sort(salient[order], descending=True, stable=True).indices]
         active = torch.zeros(out, dtype=torch.bool, device=mask.device)
@@ -138,23 +156,32 @@ class SRigL(RigL):
         # 4. per neuron: keep at most k' by |w|, grow the rest by |dL/dW|
         new_fan_in = budget // neurons
         kept &= active.unsqueeze(1)
-        keep_counts = kept.sum(1).clamp(max=new_fan_in)
-        kept = top_k_per_block(magnitude.masked_fill(~kept, float("-inf")), keep_counts)
+        kept_counts = torch.where(active, kept_counts, 0)
+        keep_counts = kept_counts.clamp(max=new_fan_in)
+        over = (kept_counts > keep_counts).nonzero().view(-1)  # (elsewhere every kept weight stays)
+        if over.numel():
+            rows = kept.index_select(0, over)
+            kept[over] = top_k_per_row(magnitude.index_select(0, over).masked_fill(~rows, float("-inf")),
+                                       keep_counts.index_select(0, over))
         grow_counts = torch.where(active, new_fan_in - keep_counts, 0)
-        new = kept | top_k_per_block(gradient.masked_fill(kept, float("-inf")), grow_counts)
-        self._write(layer, from_rows(new, shape, out_dim))
+        new = kept | top_k_per_row(gradient.masked_fill(kept, float("-inf")), grow_counts)
+        self._write(layer, from_rows(new, shape, out_dim), finite)
         return neurons
 
-    def _write(self, layer: int, new: torch.Tensor) -> None:
+    def _write(self, layer: int, new: torch.Tensor, finite: bool | None = None) -> None:
         """Make `new` (bool, the weight's shape) the mask of `layer` through the context's recorded writes.
 
-        A position kept whose weight is not finite restarts at zero (pruned and grown), as in `DropAndGrow`.
+        A position kept whose weight is not finite restarts at zero (pruned and grown), as in `DropAndGrow`
+        (`finite`: whether all weights are, if known).
         """
         target = self.targets[layer]
-        old = target.mask
-        broken = (old & new & ~torch.isfinite(target.orig.detach())).reshape(-1).nonzero().view(-1)
-        pruned = (old & ~new).reshape(-1).nonzero().view(-1)
-        grown = (new & ~old).reshape(-1).nonzero().view(-1)
+        old, orig = target.mask, target.orig.detach()
+        changed = nonzero_indices(old != new)
+        was_active = old.reshape(-1).index_select(0, changed)
+        pruned, grown = changed[was_active], changed[~was_active]
+        broken = changed[:0]
+        if not (all_finite(orig) if finite is None else finite):
+            broken = (old & new & ~torch.isfinite(orig)).reshape(-1).nonzero().view(-1)
         self.set_indices(layer, torch.cat([pruned, broken]), False)
         self.set_indices(layer, torch.cat([grown, broken]), True)
 

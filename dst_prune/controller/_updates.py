@@ -4,6 +4,12 @@ An update validates first (the masks hold exactly the budget; the method can sta
 algorithm with every mask write recorded (`dst_prune._masking.transaction`). If anything fails or is
 interrupted halfway, masks, weights, gradients, optimizer state, the budget, the algorithm's own
 attributes and the history are put back exactly, and the error is raised again.
+
+What it costs beyond the method's own work: the count of every mask is remembered with the mask's
+version (`Tensor._version`, which every in-place write bumps, as `masked_weight` relies on too), so a
+mask is counted again only after something wrote it; the ever-active bits of a tensor are packed and
+counted again only when its mask (or they) changed since the last update. An update runs with at most one
+intra-op thread per `UPDATE_GRAIN` weights of the largest tensor (`dst_prune._threads`).
 """
 
 from __future__ import annotations
@@ -11,11 +17,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+import torch
+
 from .._bits import count_bits, pack_bits
 from .._masking.target import SparseTarget
 from .._masking.transaction import Transaction
+from .._threads import UPDATE_GRAIN, threads_for
 from ..algorithms.base import SparseAlgorithm
-from ..algorithms.context import SparsityContext
+from ..algorithms.context import SparsityContext, TensorVersion
 from ..distributed.sharded import Sharding
 from ..errors import DSTError
 from ._copies import ModelCopies
@@ -41,6 +50,9 @@ class Updates:
                  sharding: Sharding, copies: ModelCopies, ever_active: list, history: list[dict]) -> None:
         self.targets, self.context, self.algorithm = targets, context, algorithm
         self.sharding, self.copies, self.ever_active, self.history = sharding, copies, ever_active, history
+        self._merged: dict[int, tuple] = {}  # layer -> (mask, bits) versions when the mask was last merged
+        self._bits: dict[int, tuple[TensorVersion, int]] = {}  # layer -> (bits' version, set bits)
+        self._largest = max((t.numel for t in targets), default=0)
 
     def step(self) -> bool:
         """Count one optimizer step and reallocate if the schedule says so. Returns whether it did."""
@@ -84,24 +96,29 @@ class Updates:
             raise DSTError(f"the masks of {detached[0]} (and {len(detached) - 1} more) were removed, e.g. by "
                            f"dst_prune.remove(model); this controller no longer applies. Call dst_prune.apply "
                            f"again to train sparse.")
-        active = sum(t.active_groups() for t in self.targets)
+        active = sum(self.context.active_groups(layer) for layer in range(len(self.targets)))
         if active != self.context.budget:
             raise DSTError(f"the model's masks hold {active} active weights (groups) but this controller keeps "
                            f"exactly {self.context.budget}: masks were loaded or written without the controller "
                            f"state that goes with them. Load the matching dst.load_state_dict(...) first.")
 
     def _transaction(self, update: Callable[[], object], *, begins: bool, ends: bool) -> object:
-        with self.sharding.gathered(self.targets):
+        device = self.targets[0].mask.device if self.targets else torch.device("cpu")
+        with self.sharding.gathered(self.targets), threads_for(self._largest, device, UPDATE_GRAIN):
             context = self.context
             saved = (context.budget, self.algorithm.snapshot(), len(self.history))
             transaction = context.transaction = Transaction()
+            context.take_grown_indices()
+            if begins:  # (DSR's steps: the layers its first step wrote are counted exactly at the end too)
+                context.take_written()
+            merged = [self._is_merged(layer) for layer in range(len(self.targets))]
             try:
                 if begins:
                     context.budget = self.algorithm.next_budget()
                 result = update()
                 context.refresh_changed()
                 if ends:
-                    self._finish()
+                    self._finish(merged)
                 return result
             except BaseException:
                 transaction.undo()
@@ -109,26 +126,44 @@ class Updates:
                 self.algorithm.restore(snapshot)
                 del self.history[length:]
                 context.take_changes()
+                context.take_grown_indices()
+                context.take_written()
                 context.dirty.clear()
                 raise
             finally:
                 context.transaction = None
 
-    def _finish(self) -> None:
-        """Check the exact count, record the update in the history, sync the copies. Fails before it changes."""
+    def _is_merged(self, layer: int) -> bool:
+        """Whether the ever-active bits of `layer` hold its mask as it is now (nothing wrote either since)."""
+        target = self.targets[layer]
+        return not target.sharded and self._merged.get(layer) == (TensorVersion(target.mask),
+                                                                  TensorVersion(self.ever_active[layer]))
+
+    def _finish(self, merged: list[bool]) -> None:
+        """Check the exact count, record the update in the history, sync the copies. Fails before it changes.
+
+        `merged[layer]`: whether the ever-active bits held the mask of `layer` when the update began; then only
+        the positions the update activated are added to them (else the whole mask is packed and merged).
+        """
         context = self.context
-        active = [t.active_groups() for t in self.targets]
+        written = context.take_written()  # (counted exactly: the check below is of what was written)
+        active = [context.active_groups(layer, exact=layer in written) for layer in range(len(self.targets))]
         if sum(active) != context.budget:
             raise RuntimeError(f"dst_prune bug: {sum(active)} active weights after update {context.update_index} "
                                f"of {self.algorithm.name}, expected exactly {context.budget}")
         metrics = dict(self.algorithm.metrics())  # (a method's own code: may raise; nothing changed yet)
         refuse_objects(metrics, f"method={self.algorithm.name!r}'s metrics()")
-        packed = [pack_bits(t.mask) for t in self.targets]
+        grown_indices = context.take_grown_indices()
+        packed = {layer: pack_bits(t.mask) for layer, t in enumerate(self.targets) if not merged[layer]}
         self.copies.sync()
         pruned, grown = context.take_changes()
-        for ever, mask in zip(self.ever_active, packed):
-            ever.bitwise_or_(mask)
-        ever_active = sum(count_bits(e) for e in self.ever_active)
+        for layer, (target, ever) in enumerate(zip(self.targets, self.ever_active)):
+            if layer in packed:
+                ever.bitwise_or_(packed[layer])
+            elif grown_indices[layer] is not None:
+                self._set_bits(layer, grown_indices[layer])
+            self._merged[layer] = (TensorVersion(target.mask), TensorVersion(ever))
+        ever_active = sum(self._count_bits(layer) for layer in range(len(self.targets)))
         n_sparse = sum(t.numel for t in self.targets)
         self.history.append({"step": context.step, "update": context.update_index, "active": active,
                              "pruned": pruned, "grown": grown, "churn": sum(grown) / max(1, context.budget),
@@ -136,3 +171,27 @@ class Updates:
         logger.debug("update %d at step %d: %d pruned, %d grown", context.update_index, context.step, sum(pruned),
                      sum(grown))
         context.update_index += 1
+
+    def _set_bits(self, layer: int, indices: torch.Tensor) -> None:
+        """Set the ever-active bits of `layer` at the flat `indices` (O(len(indices)), the count kept up to date)."""
+        ever = self.ever_active[layer]
+        indices = indices.to(ever.device)
+        clear = (ever.index_select(0, indices >> 3) >> (indices & 7).to(torch.uint8)).bitwise_and_(1) == 0
+        fresh = indices[clear]
+        if fresh.numel() > 1 and not bool((fresh[1:] > fresh[:-1]).all()):
+            fresh = torch.unique(fresh)  # (a position listed twice must be added once)
+        cached = self._bits.get(layer)
+        valid = cached is not None and cached[0] == TensorVersion(ever)
+        bits = torch.ones(fresh.shape, dtype=torch.uint8, device=ever.device) << (fresh & 7).to(torch.uint8)
+        ever.index_add_(0, fresh >> 3, bits)  # distinct bits, none set yet: their sum is their OR
+        if valid:
+            self._bits[layer] = (TensorVersion(ever), cached[1] + fresh.numel())
+
+    def _count_bits(self, layer: int) -> int:
+        """The ever-active positions of `layer`, counted again only if its bits changed since they last were."""
+        ever = self.ever_active[layer]
+        key = TensorVersion(ever)
+        cached = self._bits.get(layer)
+        if cached is None or cached[0] != key:
+            cached = self._bits[layer] = (key, count_bits(ever))
+        return cached[1]

@@ -168,6 +168,10 @@ class DynamicSparsity:
         if self._sharding.sync(self.targets, quick=True) or self._sharding.active(self.targets):
             for target in self.targets:  # (shards: keep the weights zero outside the masks, as the forward does)
                 target.refresh()
+        else:  # the weights zero outside the masks now, not at the next forward (which then has nothing to do):
+            for target in self.targets:  # a compiled forward reads them as they are (`CompiledMaskedWeight`)
+                if target.attached:
+                    target.hook.mask_orig(target.module)
         updated = self._updates.step()
         self._arm_dense_gradients(self.context.step + 1)
         return updated

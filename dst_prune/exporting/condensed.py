@@ -17,6 +17,7 @@ from torch import nn
 
 from .._masking.hook import DSTMask
 from .._masking.readers import direct_readers
+from .._threads import threads_for
 from ..errors import DSTError
 from ..targets import TargetSpec
 
@@ -49,6 +50,8 @@ class CondensedLinear(nn.Module):
     and `embedding_bag` from there on, for dtypes MKL does not take (bfloat16) and on other devices (not
     measured: no GPU was at hand). Both read the
     same int32 copy of `indices` (non-persistent, rebuilt on load) and `weight` itself, without copies.
+    On CPU the product runs with at most one of torch's threads per `dst_prune._threads.GRAIN` multiply-adds
+    (one thread at batch 1): a multi-threaded sparse product collapses on a machine whose cores are shared.
     """
 
     def __init__(self, indices: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rows: torch.Tensor,
@@ -116,17 +119,18 @@ class CondensedLinear(nn.Module):
         if self.bias is not None:
             bias = self.bias if self._all_rows else self.bias[self.rows]
         use_csr = n < CSR_BELOW_ROWS and xt.device.type == "cpu" and xt.dtype in (torch.float32, torch.float64)
-        if use_csr:
-            matrix = self._csr()
-            if n == 1:  # the matrix-vector kernel: about 1.7x faster than a one-column matrix product
-                vector = xt[:, 0]
-                product = (matrix @ vector if bias is None else torch.addmv(bias, matrix, vector)).unsqueeze(1)
+        with threads_for(n * self.weight.numel(), xt.device):
+            if use_csr:
+                matrix = self._csr()
+                if n == 1:  # the matrix-vector kernel: about 1.7x faster than a one-column matrix product
+                    vector = xt[:, 0]
+                    product = (matrix @ vector if bias is None else torch.addmv(bias, matrix, vector)).unsqueeze(1)
+                else:
+                    product = matrix @ xt if bias is None else torch.addmm(bias.unsqueeze(1), matrix, xt)
             else:
-                product = matrix @ xt if bias is None else torch.addmm(bias.unsqueeze(1), matrix, xt)
-        else:
-            product = self._bags(xt)
-            if bias is not None:
-                product = product.add_(bias.unsqueeze(1))
+                product = self._bags(xt)
+                if bias is not None:
+                    product = product.add_(bias.unsqueeze(1))
         if self._all_rows:
             return product
         if self.bias is None:

@@ -34,6 +34,7 @@ from torch import nn
 
 from .._masking.hook import DSTMask, is_sparse, make_permanent
 from .._masking.readers import direct_readers
+from .._threads import threads_for
 from ..errors import DSTError
 from ..targets import TargetSpec, is_transformers_conv1d, qualified
 from .condensed import CondensedLinear, condense, constant_fan_in, refuse_if_empty
@@ -47,12 +48,23 @@ FORMATS = ("dense", "csr", "semi_structured", "condensed", "shrink")
 
 
 class CSRLinear(nn.Module):
-    """`nn.Linear` with a `torch.sparse_csr` weight: `y = (W @ x^T)^T + b` skipping the zeros of `W`."""
+    """`nn.Linear` with a `torch.sparse_csr` weight: `y = (W @ x^T)^T + b` skipping the zeros of `W`.
+
+    The CSR indices are int32 where they fit (MKL's sparse kernels take them directly; with torch's default int64
+    indices a product is converted first), and a single input row takes the matrix-vector kernel: measured on a
+    4096 x 4096 layer at 90% sparsity, one thread, batch 1: 1.3 ms against 12.6 ms for an int64 matrix product
+    and 12.4 ms for the dense layer. On CPU the product runs with at most one of torch's threads per
+    `dst_prune._threads.GRAIN` multiply-adds (MKL's sparse kernels collapse on a machine whose cores are shared).
+    """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
-        self.register_buffer("weight", weight.detach().to_sparse_csr())
+        csr = weight.detach().to_sparse_csr()
+        if csr._nnz() < 2**31 - 1 and max(weight.shape) < 2**31 - 1:
+            csr = torch.sparse_csr_tensor(csr.crow_indices().int(), csr.col_indices().int(), csr.values(), csr.shape,
+                                          check_invariants=False)  # (indices from to_sparse_csr: valid)
+        self.register_buffer("weight", csr)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
 
     def extra_repr(self) -> str:
@@ -60,7 +72,12 @@ class CSRLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
-        out = (self.weight @ flat.T).T
+        with threads_for(flat.shape[0] * self.weight._nnz(), flat.device):
+            if flat.shape[0] == 1 and flat.device.type == "cpu" and flat.dtype in (torch.float32, torch.float64):
+                vector = flat[0]
+                out = (self.weight @ vector if self.bias is None else torch.addmv(self.bias, self.weight, vector))
+                return out.reshape(*x.shape[:-1], self.out_features)
+            out = (self.weight @ flat.T).T
         if self.bias is not None:
             out = out + self.bias
         return out.reshape(*x.shape[:-1], self.out_features)
