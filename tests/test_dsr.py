@@ -35,7 +35,7 @@ def test_prune_by_threshold_prunes_exactly_the_active_weights_below_h():
     assert dst.prune_by_threshold() == 2
     assert flat_mask(dst, 0)[:4].tolist() == [True, False, True, True]
     assert flat_mask(dst, 1)[:3].tolist() == [True, False, True]
-    assert dst.algorithm._freed == [1, 1] and dst.algorithm._surviving == [3, 2]
+    assert dst.algorithm.freed == (1, 1) and dst.algorithm.surviving == (3, 2)
     assert model[0].weight_orig.reshape(-1)[1] == 0 and model[1].weight_orig.reshape(-1)[1] == 0
 
 
@@ -98,7 +98,7 @@ def test_no_tensor_is_ever_emptied():
     _, dst = layered([[0.9, 0.8, 0.7], [1e-4, -3e-4, 2e-4]], pruning_threshold=1e-3)
     dst.prune_by_threshold()
     assert flat_mask(dst, 1)[:3].tolist() == [False, True, False]
-    assert dst.algorithm._surviving == [3, 1]
+    assert dst.algorithm.surviving == (3, 1)
     dst.adjust_pruning_threshold()
     dst.reallocate_free_parameters()
     # 2 freed, shared 3:1 -> 1.5 and 0.5 -> floors 1 and 0, the tie of remainders goes to the lower index

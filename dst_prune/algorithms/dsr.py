@@ -82,6 +82,18 @@ class DSR(SparseAlgorithm):
         """Whether `prune_by_threshold` ran and its freed budget awaits `reallocate_free_parameters`."""
         return self._pruned is not None
 
+    @property
+    def freed(self) -> tuple[int, ...]:
+        """`K_l` per sparse tensor: the weights (groups) the last `prune_by_threshold` freed (step 1), whose sum
+        step 3 regrows."""
+        return tuple(self._freed)
+
+    @property
+    def surviving(self) -> tuple[int, ...]:
+        """`R_l` per sparse tensor: the active weights (groups) that survived the last `prune_by_threshold`, the
+        shares in which step 3 regrows the freed budget (`sum_k K_k * R_l / sum_k R_k`)."""
+        return tuple(self._surviving)
+
     def check_ready(self) -> None:
         self._refuse_pending("an update")
 
