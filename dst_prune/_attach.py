@@ -13,7 +13,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from ._masking.hook import attach, is_sparse
+from ._masking.attach import attach
+from ._masking.hook import is_sparse
 from ._masking.masked_weight import zero_outside
 from ._masking.readers import attach_readers, direct_readers
 from ._torch import refresh_rnn_flat_weights, register_load_state_dict_pre_hook

@@ -135,12 +135,13 @@ def test_the_documented_example_runs():
 
 
 def _imports_of(path: Path, package: str) -> set[str]:
-    """The package modules `path` imports at module level (relative or absolute)."""
+    """The package modules `path` imports (relative or absolute), inside functions too: a deferred import only
+    hides a circle."""
     module = package + "." + ".".join(path.relative_to(ROOT / package).with_suffix("").parts)
     module = module.removesuffix(".__init__")
     base = module.split(".") if path.name == "__init__.py" else module.split(".")[:-1]
     found = set()
-    for node in ast.parse(path.read_text()).body:  # module level only: lazy imports in functions are fine
+    for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom):
             if node.level:
                 prefix = ".".join(base[:len(base) - node.level + 1])

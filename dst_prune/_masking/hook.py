@@ -18,16 +18,12 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from .._torch import register_load_state_dict_pre_hook, register_state_dict_hook
 from ..distributed.fsdp import refuse_fsdp1
 from ..errors import DSTError
-from ..groups import Grouping
-from ..targets import TargetSpec
 from .gradients import DenseGradient
 from .masked_weight import masked_weight, zero_outside
-from .target import SparseTarget
 
-__all__ = ["READ_BY_PARENT", "DSTHook", "DSTMask", "attach", "is_sparse", "make_permanent", "mask_hooks",
+__all__ = ["READ_BY_PARENT", "DSTHook", "DSTMask", "is_sparse", "make_permanent", "mask_hooks",
            "masked_names"]
 
 logger = logging.getLogger(__name__)
@@ -146,23 +142,6 @@ class DetachMaskedWeights(DSTHook):
             weight = module.__dict__.get(name)
             if weight is not None and weight.requires_grad:  # (not grad_fn: torch.compile cannot trace it)
                 setattr(module, name, weight.detach())
-
-
-def attach(model: nn.Module, spec: TargetSpec, mask: torch.Tensor, grouping: Grouping | None = None) -> SparseTarget:
-    """Attach the prune method to one parameter with `mask` (bool); the weights are left as they are."""
-    from .state_dict import LoadEitherForm, PlainStateDict
-
-    module = model.get_submodule(spec.module_name)
-    if not any(isinstance(h, PlainStateDict) for h in module._state_dict_hooks.values()):
-        order = [n for n, v in (*module._parameters.items(), *module._buffers.items()) if v is not None
-                 and n not in getattr(module, "_non_persistent_buffers_set", ())]
-        register_state_dict_hook(module, PlainStateDict(order))
-        register_load_state_dict_pre_hook(module, LoadEitherForm())
-    with torch.no_grad():
-        hook = DSTMask.apply(module, spec.tensor_name, mask=mask)
-    if not any(isinstance(h, DetachMaskedWeights) for h in module._forward_hooks.values()):
-        module.register_forward_hook(DetachMaskedWeights())
-    return SparseTarget(spec, module, hook, grouping)
 
 
 def mask_hooks(model: nn.Module) -> Iterator[tuple[nn.Module, DSTMask]]:
