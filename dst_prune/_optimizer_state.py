@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
 import torch
 
 from .errors import DSTError
 
-__all__ = ["Optimizers", "optimizer_state_like", "require_optimizer", "unwrap_optimizer"]
+if TYPE_CHECKING:
+    from ._masking.target import SparseTarget
+
+__all__ = ["Optimizers", "adopt_optimizer", "optimizer_state_like", "require_optimizer", "unwrap_optimizer"]
+
+logger = logging.getLogger(__name__)
 
 
 class Optimizers:
@@ -63,3 +72,25 @@ def optimizer_state_like(optimizer: torch.optim.Optimizer | Optimizers | None,
     optimizers = optimizer.optimizers if isinstance(optimizer, Optimizers) else (optimizer,)
     return [v for o in optimizers for v in o.state.get(param, {}).values()
             if isinstance(v, torch.Tensor) and v.shape == param.shape]
+
+
+def adopt_optimizer(optimizer: object, targets: Sequence[SparseTarget]) -> None:
+    """Check `optimizer` for the controller of `targets` (a warning for each sparse parameter it does not hold: its
+    state cannot be reset when it is pruned) and let a `dst_prune.optim` optimizer track the targets' masks (state
+    at the active weights only).
+
+    Raises:
+        DSTError: `optimizer` is not an optimizer (`require_optimizer`).
+    """
+    inner = require_optimizer(optimizer)
+    if inner is None:
+        return
+    held = {id(p) for group in inner.param_groups for p in group["params"]}
+    missing = [t.name for t in targets if id(t.param) not in held]
+    if missing:
+        logger.warning("the optimizer does not hold %d sparse parameters (e.g. %s); their state cannot be reset when "
+                       "they are pruned", len(missing), missing[0])
+    for each in inner.optimizers if isinstance(inner, Optimizers) else [inner]:
+        track = getattr(each, "track_sparse_targets", None)
+        if callable(track):
+            track(targets)

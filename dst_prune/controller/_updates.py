@@ -23,6 +23,7 @@ from .._bits import count_bits, pack_bits
 from .._masking.target import SparseTarget
 from .._masking.transaction import Transaction
 from .._threads import UPDATE_GRAIN, threads_for
+from .._validation import check_int
 from ..algorithms.base import SparseAlgorithm
 from ..algorithms.context import SparsityContext, TensorVersion
 from ..distributed.sharded import Sharding
@@ -70,6 +71,20 @@ class Updates:
             context.step = step - 1
             raise
         return updated
+
+    def set_total_steps(self, total_steps: int) -> None:
+        """`DynamicSparsity.set_total_steps`: the configuration and the schedule for a new length of training,
+        checked by the algorithm first; a change after training started is logged."""
+        context = self.context
+        total_steps = check_int(total_steps, "total_steps", minimum=1, what="a number of optimizer steps")
+        config = context.config.with_total_steps(total_steps)
+        schedule = config.schedule(self.algorithm.default_stop_fraction)
+        self.algorithm.check_schedule(schedule)
+        if context.step and total_steps != context.config.total_steps:
+            logger.warning("dst_prune: the length of training changes from %s to %d optimizer steps at step %d; the "
+                           "schedule (stop step %s, decays) follows the new length from now on",
+                           context.config.total_steps, total_steps, context.step, schedule.stop_step)
+        context.config, context.schedule = config, schedule
 
     def run(self, update: Callable[[], object], *, begins: bool, ends: bool) -> object:
         """Run (part of) an update by hand (`reparameterize`, DSR's three steps), validated first when it begins."""

@@ -8,7 +8,6 @@ reports (`dst_prune.reports`). Every public method is written here.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,14 +17,12 @@ from torch import nn
 
 from .._bits import pack_bits
 from .._masking.gradients import arm, disarm
-from .._masking.masked_weight import zero_outside
 from .._masking.target import SparseTarget
-from .._optimizer_state import Optimizers, require_optimizer
-from .._validation import check_int
+from .._optimizer_state import adopt_optimizer
 from ..algorithms.base import SparseAlgorithm
 from ..algorithms.context import SparsityContext
 from ..config import SparsityConfig
-from ..distributed.ddp import broadcast_masks, check_sync, ignore_masks_in_ddp
+from ..distributed.ddp import check_sync, prepare_for_ddp
 from ..distributed.sharded import Sharding
 from ..reports.history import plot_history, save_history_csv
 from ..reports.tables import stats_table, sum_table
@@ -35,8 +32,6 @@ from ._state import build_state, check_state, check_weights
 from ._updates import Updates
 
 __all__ = ["DynamicSparsity"]
-
-logger = logging.getLogger(__name__)
 
 
 class DynamicSparsity:
@@ -91,18 +86,8 @@ class DynamicSparsity:
 
     @optimizer.setter
     def optimizer(self, optimizer: object) -> None:
-        inner = require_optimizer(optimizer)
         self._sharding.sync(self.targets)
-        if inner is not None:
-            held = {id(p) for group in inner.param_groups for p in group["params"]}
-            missing = [t.name for t in self.targets if id(t.param) not in held]
-            if missing:
-                logger.warning("the optimizer does not hold %d sparse parameters (e.g. %s); their state "
-                               "cannot be reset when they are pruned", len(missing), missing[0])
-            for each in inner.optimizers if isinstance(inner, Optimizers) else [inner]:
-                track = getattr(each, "track_sparse_targets", None)  # dst_prune.optim: state at active weights only
-                if callable(track):
-                    track(self.targets)
+        adopt_optimizer(optimizer, self.targets)
         self.context.optimizer = optimizer
 
     method = property(lambda self: self.algorithm.name, doc="The method's registered name.")
@@ -141,17 +126,8 @@ class DynamicSparsity:
         Raises:
             DSTError: not a positive integer, or a schedule the method cannot run.
         """
-        total_steps = check_int(total_steps, "total_steps", minimum=1, what="a number of optimizer steps")
-        context = self.context
-        config = self.config.with_total_steps(total_steps)
-        schedule = config.schedule(self.algorithm.default_stop_fraction)
-        self.algorithm.check_schedule(schedule)
-        if context.step and total_steps != self.config.total_steps:
-            logger.warning("dst_prune: the length of training changes from %s to %d optimizer steps at step %d; the "
-                           "schedule (stop step %s, decays) follows the new length from now on",
-                           self.config.total_steps, total_steps, context.step, schedule.stop_step)
-        context.config, context.schedule = config, schedule
-        self._arm_dense_gradients(context.step + 1)
+        self._updates.set_total_steps(total_steps)
+        self._arm_dense_gradients(self.context.step + 1)
 
     # --- training-loop API -----------------------------------------------------------------------------
     def step(self, skipped: bool = False) -> bool:
@@ -272,13 +248,7 @@ class DynamicSparsity:
         and keeps DDP from re-broadcasting the masks at every forward. A no-op outside a distributed run,
         apart from the DDP setting.
         """
-        broadcast_masks(self.targets)
-        for target, ever in zip(self.targets, self.ever_active):
-            with torch.no_grad():
-                zero_outside(target.orig, target.mask)
-            target.refresh()
-            ever.copy_(pack_bits(target.mask))
-        ignore_masks_in_ddp(self.model, self.targets)
+        prepare_for_ddp(self.model, self.targets, self.ever_active)
         self._copies.sync()
 
     def check_sync(self) -> bool:

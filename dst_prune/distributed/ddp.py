@@ -13,10 +13,13 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
+from .._bits import pack_bits
+from .._masking.masked_weight import zero_outside
 from .._masking.target import SparseTarget
 from .._torch import ddp_ignore
 
-__all__ = ["all_reduce_mean", "broadcast_masks", "check_sync", "ignore_masks_in_ddp", "is_distributed", "mask_digest"]
+__all__ = ["all_reduce_mean", "broadcast_masks", "check_sync", "ignore_masks_in_ddp", "is_distributed", "mask_digest",
+           "prepare_for_ddp"]
 
 
 def is_distributed() -> bool:
@@ -93,3 +96,16 @@ def check_sync(targets: Sequence[SparseTarget], *, raise_on_mismatch: bool = Tru
         raise RuntimeError(f"dst_prune {what} differ across ranks (rank {dist.get_rank()} digest {local:#x}). "
                            f"Masks must depend only on synced weights, all-reduced scores and the seed.")
     return in_sync
+
+
+def prepare_for_ddp(model: torch.nn.Module, targets: Sequence[SparseTarget],
+                    ever_active: Sequence[torch.Tensor]) -> None:
+    """`DynamicSparsity.prepare_for_ddp`: rank 0's masks on every rank, weights zero outside them, the ever-active
+    bits restarted from them, and the masks kept out of DDP's buffer broadcast."""
+    broadcast_masks(targets)
+    for target, ever in zip(targets, ever_active):
+        with torch.no_grad():
+            zero_outside(target.orig, target.mask)
+        target.refresh()
+        ever.copy_(pack_bits(target.mask))
+    ignore_masks_in_ddp(model, targets)
