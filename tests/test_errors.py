@@ -12,7 +12,7 @@ from torch import nn
 from torch.nn.utils import parametrizations, prune
 
 import dst_prune
-from dst_prune._masking import hook as masking
+from dst_prune._masking import attach as attaching
 
 
 def refused(model, message, sparse_before=False, **kwargs):
@@ -169,7 +169,7 @@ def test_failure_while_attaching_restores_the_model_exactly(monkeypatch):
     model = timm.create_model("resnet18", pretrained=False, num_classes=10)
     before = snapshot(model)
     calls = {"n": 0}
-    real_attach = masking.attach
+    real_attach = attaching.attach
 
     def failing_attach(*args, **kwargs):
         calls["n"] += 1
@@ -187,7 +187,7 @@ def test_failure_while_attaching_restores_the_model_exactly(monkeypatch):
 def test_failure_while_attaching_an_lstm_restores_its_flat_weights(monkeypatch):
     model = CharLSTM()
     before = snapshot(model)
-    real_attach = masking.attach
+    real_attach = attaching.attach
     calls = {"n": 0}
 
     def failing_attach(*args, **kwargs):
