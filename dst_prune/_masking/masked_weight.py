@@ -35,11 +35,10 @@ Under FSDP2 the mask is a shard and the all-gathered weight passes through (`dst
 
 from __future__ import annotations
 
-import threading
-
 import torch
 from torch import nn
 
+from .._scratch import CHUNK, scratch
 from .._torch import is_view
 
 __all__ = ["MASK_GRAIN", "CompiledMaskedWeight", "MaskedWeight", "masked_copy", "masked_weight", "zero_outside"]
@@ -47,13 +46,10 @@ __all__ = ["MASK_GRAIN", "CompiledMaskedWeight", "MaskedWeight", "masked_copy", 
 #: the integer type of each float type's width (`zero_outside` multiplies the bits)
 _BITS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16,
          torch.float64: torch.int64}
-#: elements per chunk of `zero_outside` (its 0/1 buffer: 1 MiB for float32)
-_CHUNK = 1 << 18
 #: below this many elements `where` is as fast (one operation instead of two)
 _SMALL = 1 << 13
 #: weights per thread of `zero_outside`
 MASK_GRAIN = 1 << 24
-_buffers = threading.local()  # per thread: {(integer dtype, device): the 0/1 buffer}
 
 
 def _flat(tensor: torch.Tensor) -> torch.Tensor | None:
@@ -63,17 +59,6 @@ def _flat(tensor: torch.Tensor) -> torch.Tensor | None:
     if tensor.ndim == 4 and tensor.is_contiguous(memory_format=torch.channels_last):
         return tensor.permute(0, 2, 3, 1).reshape(-1)  # (a view: this order is contiguous)
     return None
-
-
-def _buffer(dtype: torch.dtype, device: torch.device, size: int) -> torch.Tensor:
-    try:
-        cache = _buffers.cache
-    except AttributeError:
-        cache = _buffers.cache = {}
-    buffer = cache.get((dtype, device))
-    if buffer is None or buffer.numel() < size:
-        buffer = cache[(dtype, device)] = torch.empty(size, dtype=dtype, device=device)
-    return buffer[:size]
 
 
 def _bit_product(tensor: torch.Tensor, mask: torch.Tensor, out: torch.Tensor) -> bool:
@@ -93,8 +78,8 @@ def _bit_product(tensor: torch.Tensor, mask: torch.Tensor, out: torch.Tensor) ->
     if wanted < threads:  # (as `dst_prune._threads.threads_for`, inline: this runs twice per layer and step)
         torch.set_num_threads(wanted)
     try:
-        chunk = _CHUNK * min(wanted, threads)
-        factors = _buffer(bits, tensor.device, min(n, chunk))
+        chunk = CHUNK * min(wanted, threads)
+        factors = scratch(bits, tensor.device, min(n, chunk))
         if n <= chunk:
             factors.copy_(keep)
             torch.mul(values, factors, out=target)

@@ -8,6 +8,7 @@ import logging
 import torch
 
 from .._scores import warn_non_finite
+from .._scratch import CHUNK, scratch
 from .._selection import Outside, index_mask, nonzero_indices, random_indices, top_k_mask
 from .._validation import check_number
 from ..budget.distributions import apportion
@@ -121,7 +122,7 @@ class DSR(SparseAlgorithm):
             active = self.context.active_groups(layer)
             bad = warn_non_finite(orig, target.name)  # (they are below any threshold)
             if grouping.elementwise and not bad and orig.dtype in (torch.float32, torch.float64):
-                below = torch.lt(orig.abs(), self.threshold).logical_and_(target.mask)  # (finite: |w| < H)
+                below = _magnitude_below(orig, self.threshold).logical_and_(target.mask)  # (finite)
             else:
                 below = grouping.below(target.orig, self.threshold).logical_and_(target.group_mask())
             indices = nonzero_indices(below)
@@ -205,3 +206,18 @@ class DSR(SparseAlgorithm):
     def load_state_dict(self, state: dict) -> None:
         self.threshold = float(state["threshold"])
         self._pruned, self._adjusted = None, False
+
+
+def _magnitude_below(weights: torch.Tensor, threshold: float) -> torch.Tensor:
+    """`|weights| < threshold` (bool, `weights`' shape), in chunks through a small buffer: no weight-sized float
+    temporary (`dst_prune._scratch`)."""
+    flat = weights.detach().reshape(-1)
+    below = torch.empty(weights.shape, dtype=torch.bool, device=weights.device)
+    out = below.view(-1)
+    magnitudes = scratch(flat.dtype, flat.device, min(flat.numel(), CHUNK))
+    for start in range(0, flat.numel(), CHUNK):
+        part = flat[start:start + CHUNK]
+        magnitude = magnitudes[:part.numel()]
+        torch.abs(part, out=magnitude)
+        torch.lt(magnitude, threshold, out=out[start:start + CHUNK])
+    return below
