@@ -148,7 +148,9 @@ class SRigL(RigL):
         salient = kept_counts + torch.bincount(growth // fan, minlength=out)
         passing = int((salient >= self._threshold(fan_in)).sum())
         neurons = neurons_for(budget, max(1, passing), out, fan)
-        strength = torch.where(kept, magnitude, 0.0).sum(1, dtype=torch.float64)
+        staying = torch.ones(budget, dtype=torch.bool, device=mask.device).index_fill_(0, budget - 1 - weakest, False)
+        strength = torch.zeros(out, dtype=torch.float64, device=mask.device).index_add_(  # (over the kept only)
+            0, active_indices[staying] // fan, values[staying].double())
         order = torch.sort(strength, descending=True, stable=True).indices
         order = order[torch.sort(salient[order], descending=True, stable=True).indices]
         active = torch.zeros(out, dtype=torch.bool, device=mask.device)
