@@ -8,22 +8,15 @@ import math
 import torch
 
 from .._scores import all_finite, finite_scores
-from .._selection import Outside, nonzero_indices, top_k_indices, top_k_mask, top_k_outside, top_k_per_row
+from .._selection import Outside, nonzero_indices, top_k_indices, top_k_mask, top_k_outside
 from .._validation import check_int, check_number
 from ..errors import DSTError
 from ..groups import Grouping, top_k_per_block
-from .fan_in import from_rows, neurons_for, plan_fan_in, rows_of
+from .fan_in import from_rows, neurons_for, plan_fan_in, row_sums, rows_of, top_k_per_row
 from .registry import register_method
 from .rigl import RigL
 
 __all__ = ["SRigL"]
-
-
-def _row_counts(rows: torch.Tensor) -> torch.Tensor:
-    """The True entries of each row of a 2-D bool tensor (a byte sum: several times faster than `sum(1)`)."""
-    if rows.is_contiguous():
-        return rows.view(torch.uint8).sum(1, dtype=torch.int32).long()
-    return rows.sum(1)
 
 
 @register_method("srigl")
@@ -105,7 +98,7 @@ class SRigL(RigL):
     def check_ready(self) -> None:
         """Refuse masks without a constant fan-in (loaded from another method), naming the layer."""
         for target in self.targets:
-            counts = _row_counts(rows_of(target.mask, target.grouping.layout[0]))
+            counts = row_sums(rows_of(target.mask, target.grouping.layout[0]))
             active = counts[counts > 0]
             if active.numel() and int(active.min()) != int(active.max()):
                 raise DSTError(f"the mask of {target.name} has {int(active.min())} to {int(active.max())} active "
