@@ -141,6 +141,19 @@ def _shrink(data: dict) -> str:
                       "shrink vs dense"], rows)
 
 
+def _masking_kernels(data: dict) -> str:
+    results = data["results"]
+    kernels = _in_order(r["kernel"] for r in results)
+    exact = {r["kernel"]: r["exact"] for r in results}
+    rows = []
+    for shape, threads, load in _in_order((r["shape"], r["threads"], r["load"]) for r in results):
+        of = {r["kernel"]: r for r in results if (r["shape"], r["threads"], r["load"]) == (shape, threads, load)}
+        rows.append([shape, _configuration({"threads": threads, "load": load}),
+                     *(f"{of[k]['median_ms']:.2f} ({of[k]['ratio_to_where']:.2f})" if k in of else ""
+                       for k in kernels)])
+    return _markdown(["weights", "threads, load", *(k if exact[k] else f"{k} (not exact)" for k in kernels)], rows)
+
+
 def _mnist_methods(data: dict) -> str:
     runs = data["runs"]
     sparsities = sorted({r["sparsity"] for r in runs if r["method"] != "dense"})
@@ -168,6 +181,7 @@ TABLES: dict[str, tuple[str, Callable[[dict], str]]] = {
     "condensed": ("condensed.json", _condensed),
     "shrink": ("shrink.json", _shrink),
     "mnist_methods": ("mnist_methods.json", _mnist_methods),
+    "masking_kernels": ("masking_kernels.json", _masking_kernels),
 }
 
 

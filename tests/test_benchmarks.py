@@ -141,6 +141,14 @@ def test_memory_quick_form_measures_the_update_step_too(tmp_path):
     assert "(dense " in rendered("_memory", {"results": list(rows.values())})
 
 
+def test_masking_kernels_quick_form_checks_exactness(tmp_path):
+    quick("masking_kernels", tmp_path, "--output", str(tmp_path / "k.json"))
+    rows = {r["kernel"]: r for r in json.loads((tmp_path / "k.json").read_text())["results"]}
+    assert rows["bit product"]["exact"] and rows["masked_fill"]["exact"] and rows["where"]["ratio_to_where"] == 1
+    assert not rows["float multiply"]["exact"] and not rows["uint8 multiply"]["exact"]  # NaN * 0 stays NaN
+    assert "| lenet 784x300 | 1 thread, quiet |" in rendered("_masking_kernels", {"results": list(rows.values())})
+
+
 def test_every_published_table_renders():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
