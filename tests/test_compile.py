@@ -60,3 +60,39 @@ def test_compiled_model_gradients_equal_eager_ones():
 @pytest.mark.slow
 def test_inductor_compiled_sparse_training():
     train_compiled("inductor", steps=4, tolerance=1e-4)  # fused kernels round differently
+
+
+def test_torch_prunes_form_loads_with_weights_zero_outside_its_masks_so_compiled_equals_eager():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    source = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 4))
+    dst_prune.apply(source, sparsity=0.8, dense_stem_and_head=False)
+    state = dst_prune.pruned_state_dict(source)
+    for key in [k for k in state if k.endswith("weight_orig")]:  # torch prune keeps values outside the mask
+        state[key] = torch.where(state[key.replace("_orig", "_mask")], state[key], torch.randn_like(state[key]))
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 4))
+    dst = dst_prune.apply(model, sparsity=0.8, dense_stem_and_head=False)
+    model.load_state_dict(state)
+    assert all(not t.orig.detach()[~t.mask].any() for t in dst.targets)
+    x = torch.randn(4, 32)
+    with torch.no_grad():
+        compiled = torch.compile(model, backend="aot_eager")(x)  # first: nothing eager masked it before
+        torch.testing.assert_close(compiled, model(x))
+        torch.testing.assert_close(compiled, source(x))
+
+
+def test_step_inside_a_compiled_function_still_masks_the_weights():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 4))
+    dst = dst_prune.apply(model, sparsity=0.8, method="static", dense_stem_and_head=False)
+    with torch.no_grad():
+        for target in dst.targets:
+            target.orig.add_(1.0)  # as an optimizer that moves zero weights would
+
+    @torch.compile(backend="eager")
+    def step():
+        dst.step()
+
+    step()
+    assert all(not t.orig.detach()[~t.mask].any() for t in dst.targets)

@@ -320,3 +320,31 @@ def test_the_effective_weight_is_weight_orig_masked_in_place_with_no_tensor_of_i
     expected = dst_prune.remove(copy.deepcopy(model))(x)
     assert torch.equal(model(x), expected)
     assert all(not t.orig[~t.mask].any() and t.orig[t.mask].ne(0).all() for t in dst.targets)
+
+
+@pytest.mark.parametrize("layer", ["linear", "conv"])
+def test_second_order_gradients_through_a_masked_weight_equal_those_of_the_explicit_product(layer):
+    """`create_graph=True` (Hessian-vector products, MAML): the masked gradient is differentiable."""
+    torch.manual_seed(0)
+    module = nn.Linear(16, 8) if layer == "linear" else nn.Conv2d(3, 4, 3)
+    x = torch.randn(2, 16) if layer == "linear" else torch.randn(2, 3, 8, 8)
+    reference = copy.deepcopy(module)
+    dst_prune.apply(module, sparsity=0.7, dense_stem_and_head=False)
+    mask, orig = module.weight_mask, module.weight_orig
+    with torch.no_grad():
+        reference.weight.copy_(orig)
+
+    def explicit(inputs):
+        weight = torch.where(mask, reference.weight, 0.0)
+        if layer == "linear":
+            return nn.functional.linear(inputs, weight, reference.bias)
+        return nn.functional.conv2d(inputs, weight, reference.bias)
+
+    direction = torch.randn_like(orig)
+    results = []
+    for forward, weight in ((module, orig), (explicit, reference.weight)):
+        (grad,) = torch.autograd.grad(forward(x).pow(2).sum(), weight, create_graph=True)
+        (hessian_vector,) = torch.autograd.grad((grad * direction).sum(), weight)
+        results.append((grad.detach(), hessian_vector))
+    torch.testing.assert_close(results[0], results[1])
+    assert not results[0][1][~mask].any()

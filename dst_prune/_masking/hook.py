@@ -21,7 +21,7 @@ from torch.nn.utils import prune
 from ..distributed.fsdp import refuse_fsdp1
 from ..errors import DSTError
 from .gradients import DenseGradient
-from .masked_weight import masked_weight, zero_outside
+from .masked_weight import mask_in_place, masked_weight, zero_outside
 
 __all__ = ["READ_BY_PARENT", "DSTHook", "DSTMask", "is_sparse", "make_permanent", "mask_hooks",
            "masked_names"]
@@ -108,7 +108,7 @@ class DSTMask(prune.BasePruningMethod):
         if self.unmatched:
             return  # (a state dict saved now keeps the loaded weights whole)
         with torch.no_grad():
-            masked_weight(module, self._tensor_name, self._written)
+            mask_in_place(module, self._tensor_name, self._written)
 
     def remove(self, module: nn.Module) -> None:
         """Make the pruning permanent in place: `weight` becomes the same Parameter, zeros included.

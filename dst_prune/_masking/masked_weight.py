@@ -26,9 +26,10 @@ at most one thread per `MASK_GRAIN` weights (one for ordinary layers; `dst_prune
 
 Anything a pruned position of `weight_orig` held is discarded at the next forward, which is what a
 mask means; the tests check that outputs equal those of a `remove()`d copy. Writing into `weight`
-between forwards writes into `weight_orig` (they share memory), and the next forward re-masks it.
+between forwards writes into `weight_orig` (they share memory), and the next eager forward re-masks it.
 Under `torch.compile` the graph reads `weight_orig` itself and masks only the gradient (`CompiledMaskedWeight`);
-`weight_orig` is masked in place outside the graph, eagerly, by `DynamicSparsity.step()` (no in-place write
+`weight_orig` is masked in place outside the graph, eagerly, by `DynamicSparsity.step()` (`mask_in_place`, never
+traced), by loads (torch prune's form is masked as it loads) and by every update (no in-place write
 inside the graph).
 Under FSDP2 the mask is a shard and the all-gathered weight passes through (`dst_prune.distributed.fsdp`).
 """
@@ -41,7 +42,8 @@ from torch import nn
 from .._scratch import CHUNK, scratch
 from .._torch import is_view
 
-__all__ = ["MASK_GRAIN", "CompiledMaskedWeight", "MaskedWeight", "masked_copy", "masked_weight", "zero_outside"]
+__all__ = ["MASK_GRAIN", "CompiledMaskedWeight", "MaskedWeight", "mask_in_place", "masked_copy", "masked_weight",
+           "zero_outside"]
 
 #: the integer type of each float type's width (`zero_outside` multiplies the bits)
 _BITS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16,
@@ -132,6 +134,8 @@ class MaskedWeight(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         (mask,) = ctx.saved_tensors
+        if torch.is_grad_enabled() and grad.requires_grad:  # (`create_graph=True`: a differentiable mask)
+            return torch.where(mask, grad, grad.new_zeros(())), None
         return (zero_outside(grad, mask) if _writable(grad) else masked_copy(grad, mask)), None
 
 
@@ -172,10 +176,24 @@ def masked_weight(module: nn.Module, name: str, last: list) -> torch.Tensor:
     if torch.compiler.is_compiling():  # (`orig` is kept masked outside the graph: see `CompiledMaskedWeight`)
         return CompiledMaskedWeight.apply(orig, mask) if torch.is_grad_enabled() and orig.requires_grad else \
             orig.detach()
+    _mask_if_changed(orig, mask, last)
+    if torch.is_grad_enabled() and orig.requires_grad:
+        return MaskedWeight.apply(orig, mask)
+    return orig.detach()
+
+
+def _mask_if_changed(orig: torch.Tensor, mask: torch.Tensor, last: list) -> None:
     if _sources(orig, mask) != last:
         with torch.no_grad():
             zero_outside(orig, mask)
         last[:] = _sources(orig, mask)
-    if torch.is_grad_enabled() and orig.requires_grad:
-        return MaskedWeight.apply(orig, mask)
-    return orig.detach()
+
+
+@torch.compiler.disable
+def mask_in_place(module: nn.Module, name: str, last: list) -> None:
+    """Zero `module.<name>_orig` outside its mask now, eagerly, unless nothing changed since `last`; also when the
+    caller is being compiled (`dst.step()` inside a compiled training step), since the compiled forward reads
+    `<name>_orig` as it is. Under FSDP2 the shards are masked by their own hooks."""
+    orig, mask = module._parameters[name + "_orig"], module._buffers[name + "_mask"]
+    if mask.shape == orig.shape:
+        _mask_if_changed(orig, mask, last)

@@ -58,6 +58,9 @@ class PlainStateDict(DSTHook):
 class LoadEitherForm(DSTHook):
     """Load pre-hook: accept a plain `<name>` (the masks stay) or torch prune's `<name>_orig` + `<name>_mask`.
 
+    In torch prune's form `<name>_orig` is loaded with zeros outside `<name>_mask` (torch prune keeps the pruned
+    values there; rule 3 keeps them zero, which a compiled forward relies on).
+
     A plain `<name>` with non-zero weights outside this model's mask (the weights of another step or run, loaded
     before the controller state that goes with them) is loaded whole, and its `DSTMask` is marked `unmatched`:
     nothing is masked away, and the forward, `dst.step()`, `state_dict()` masking and `remove` refuse until
@@ -77,6 +80,12 @@ class LoadEitherForm(DSTHook):
                     _mask_hook(module, name).unmatched = True
             if mask not in state and orig in state:
                 state[mask] = module._buffers[name + "_mask"]  # a plain state dict: keep this model's mask
+            elif mask in state and orig in state:  # torch prune's form keeps weights outside the mask: they go
+                incoming_orig, incoming_mask = state[orig], state[mask]  # (as every forward would mask them away)
+                if isinstance(incoming_orig, torch.Tensor) and isinstance(incoming_mask, torch.Tensor) and \
+                        incoming_orig.shape == incoming_mask.shape:
+                    state[orig] = torch.where(incoming_mask.to(incoming_orig.device).bool(), incoming_orig,
+                                              incoming_orig.new_zeros(()))
 
 
 @contextlib.contextmanager

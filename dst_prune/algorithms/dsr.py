@@ -211,6 +211,8 @@ class DSR(SparseAlgorithm):
 def _magnitude_below(weights: torch.Tensor, threshold: float) -> torch.Tensor:
     """`|weights| < threshold` (bool, `weights`' shape), in chunks through a small buffer: no weight-sized float
     temporary (`dst_prune._scratch`)."""
+    if weights.device.type != "cpu":  # (an accelerator's allocator reuses its blocks: one pass is cheaper there)
+        return torch.lt(weights.detach().abs(), threshold)
     flat = weights.detach().reshape(-1)
     below = torch.empty(weights.shape, dtype=torch.bool, device=weights.device)
     out = below.view(-1)

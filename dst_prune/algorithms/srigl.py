@@ -141,9 +141,7 @@ class SRigL(RigL):
         salient = kept_counts + torch.bincount(growth // fan, minlength=out)
         passing = int((salient >= self._threshold(fan_in)).sum())
         neurons = neurons_for(budget, max(1, passing), out, fan)
-        staying = torch.ones(budget, dtype=torch.bool, device=mask.device).index_fill_(0, budget - 1 - weakest, False)
-        strength = torch.zeros(out, dtype=torch.float64, device=mask.device).index_add_(  # (over the kept only)
-            0, active_indices[staying] // fan, values[staying].double())
+        strength = _neuron_strengths(kept, magnitude, values, active_indices, budget - 1 - weakest)
         order = torch.sort(strength, descending=True, stable=True).indices
         order = order[torch.sort(salient[order], descending=True, stable=True).indices]
         active = torch.zeros(out, dtype=torch.bool, device=mask.device)
@@ -184,3 +182,20 @@ class SRigL(RigL):
         outs = [rows_of(t.mask, t.grouping.layout[0]).shape[0] for t in self.targets]
         return {**super().metrics(), "active_neurons": sum(self.active_neurons),
                 "ablated_neurons": sum(outs) - sum(self.active_neurons)}
+
+
+def _neuron_strengths(kept: torch.Tensor, magnitude: torch.Tensor, active_values: torch.Tensor,
+                      active_indices: torch.Tensor, dropped_positions: torch.Tensor) -> torch.Tensor:
+    """Per neuron (row of `kept`), the sum in float64 of the kept weights' magnitudes.
+
+    On CPU over the kept weights only (`index_add_`: sequential, so the same on every rank); elsewhere as a row sum
+    of the whole layer (CUDA's `index_add_` adds with atomics, whose order, and so whose last bits, vary, and
+    ranks must rank neurons alike). `active_values`/`active_indices`: the magnitudes and flat indices of the active
+    weights; `dropped_positions`: the positions in those of the weights dropped.
+    """
+    if kept.device.type != "cpu":
+        return torch.where(kept, magnitude, 0.0).sum(1, dtype=torch.float64)
+    staying = torch.ones(active_indices.numel(), dtype=torch.bool, device=kept.device)
+    staying.index_fill_(0, dropped_positions, False)
+    return torch.zeros(kept.shape[0], dtype=torch.float64, device=kept.device).index_add_(
+        0, active_indices[staying] // kept.shape[1], active_values[staying].double())
