@@ -178,6 +178,7 @@ TABLES: dict[str, tuple[str, Callable[[dict], str]]] = {
     "reallocation_100m": ("reallocation_100m.json", _reallocation),
     "memory": ("memory.json", _memory),
     "inference": ("inference.json", _inference),
+    "inference_vit_small": ("inference_vit_small.json", _inference),
     "condensed": ("condensed.json", _condensed),
     "shrink": ("shrink.json", _shrink),
     "mnist_methods": ("mnist_methods.json", _mnist_methods),
