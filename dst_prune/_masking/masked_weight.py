@@ -36,6 +36,8 @@ Under FSDP2 the mask is a shard and the all-gathered weight passes through (`dst
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import nn
 
@@ -189,11 +191,26 @@ def _mask_if_changed(orig: torch.Tensor, mask: torch.Tensor, last: list) -> None
         last[:] = _sources(orig, mask)
 
 
-@torch.compiler.disable
 def mask_in_place(module: nn.Module, name: str, last: list) -> None:
     """Zero `module.<name>_orig` outside its mask now, eagerly, unless nothing changed since `last`; also when the
     caller is being compiled (`dst.step()` inside a compiled training step), since the compiled forward reads
-    `<name>_orig` as it is. Under FSDP2 the shards are masked by their own hooks."""
+    `<name>_orig` as it is. Under FSDP2 the shards are masked by their own hooks.
+
+    (Compiling needs `torch._dynamo`, so until it is imported the plain function runs; `torch.compiler.disable`
+    itself imports it, which `import dst_prune` must not.)"""
+    global _never_traced
+    if "torch._dynamo" not in sys.modules:
+        _mask_module(module, name, last)
+        return
+    if _never_traced is None:
+        _never_traced = torch.compiler.disable(_mask_module)
+    _never_traced(module, name, last)
+
+
+_never_traced = None
+
+
+def _mask_module(module: nn.Module, name: str, last: list) -> None:
     orig, mask = module._parameters[name + "_orig"], module._buffers[name + "_mask"]
     if mask.shape == orig.shape:
         _mask_if_changed(orig, mask, last)
