@@ -53,10 +53,9 @@ def run_benchmark(script: str, *args: str, tmp_path: Path) -> dict:
 
 
 @pytest.mark.slow
-def test_step_time_benchmark_smoke(tmp_path):
-    report = run_benchmark("step_time", "--models", "resnet18", "--variants", "dense", "dsr", "prune",
-                           "--repeats", "2", "--warmup", "1", "--update-repeats", "1", "--batch", "8",
-                           "--image-size", "64", tmp_path=tmp_path)
+def test_step_time_benchmark_smoke_on_a_timm_convnet(tmp_path):
+    report = run_benchmark("step_time", "--models", "test_resnet", "--variants", "dense", "dsr", "prune",
+                           "--repeats", "2", "--warmup", "1", "--update-repeats", "1", tmp_path=tmp_path)
     rows = {r["variant"]: r for r in report["results"]}
     assert set(rows) == {"dense", "dsr", "prune"}
     assert rows["dense"]["ratio_to_dense"] == 1.0 and rows["dsr"]["update_ms"] > 0
@@ -64,21 +63,11 @@ def test_step_time_benchmark_smoke(tmp_path):
 
 
 @pytest.mark.slow
-def test_reallocation_and_memory_and_inference_benchmarks_smoke(tmp_path):
-    realloc = tmp_path / "reallocation.json"
-    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "reallocation.py"), "--sizes", "1",
-                             "--methods", "dsr", "rigl", "--peers", "--repeats", "1", "--threads", "1", "--output",
-                             str(realloc)],
-                            capture_output=True, text=True, timeout=900, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    rows = json.loads(realloc.read_text())["results"]
-    assert [r["variant"] for r in rows] == ["dsr", "rigl"] and all(r["median_ms"] > 0 for r in rows)
-    memory = run_benchmark("memory", "--models", "resnet18", "--variants", "dense", "dsr", "--batch", "8",
-                           "--image-size", "64", "--parallel", "2", tmp_path=tmp_path)
+def test_memory_benchmark_measures_two_variants_at_a_time(tmp_path):
+    memory = run_benchmark("memory", "--models", "lenet_300_100", "--variants", "dense", "dsr", "--parallel", "2",
+                           tmp_path=tmp_path)
+    assert {r["variant"] for r in memory["results"]} == {"dense", "dsr"}
     assert all(r["peak_bytes"] > 0 for r in memory["results"])
-    inference = run_benchmark("inference", "--models", "mlp_4096x3", "--batches", "1", "--sparsities", "0.9",
-                              "--repeats", "2", tmp_path=tmp_path)
-    assert {r["format"] for r in inference["results"]} == {"dense", "csr"}
 
 
 # --- the quick forms: every benchmark end to end in seconds, its JSON rendered as the docs render it -------------
