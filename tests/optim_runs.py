@@ -3,6 +3,7 @@ with dst_prune.optim's, so that the two can be compared step for step."""
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable
 
 import pytest
@@ -79,6 +80,22 @@ class Run:
                 self.masks.append([t.mask.clone() for t in self.dst.targets])
             self.step_index += 1
         return self
+
+
+def resumed_from(first: Run, make_optimizer: Callable, method: str) -> Run:
+    """A new run that resumes `first` from a checkpoint of its model, controller and optimizer, saved with
+    `torch.save` and read back with `weights_only=True`; its `masks` continue `first`'s."""
+    buffer = io.BytesIO()
+    torch.save({"model": first.model.state_dict(), "dst": first.dst.state_dict(),
+                "optimizer": first.optimizer.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    resumed = Run(make_optimizer, method)
+    resumed.model.load_state_dict(saved["model"])
+    resumed.dst.load_state_dict(saved["dst"])
+    resumed.optimizer.load_state_dict(saved["optimizer"])
+    resumed.step_index, resumed.masks = first.step_index, list(first.masks)
+    return resumed
 
 
 def assert_same(ours: Run, theirs: Run, exact: bool = False) -> None:

@@ -4,12 +4,11 @@ and granularity, and survives mask changes, undone updates, checkpoints and `dst
 from __future__ import annotations
 
 import copy
-import io
 import re
 
 import pytest
 import torch
-from optim_runs import OPTIMIZERS, Run, assert_same, batch, make_model, moved, one_thread, sparse  # noqa: F401
+from optim_runs import OPTIMIZERS, Run, assert_same, batch, make_model, moved, one_thread, resumed_from, sparse  # noqa: F401
 from torch import nn
 
 import dst_prune
@@ -116,42 +115,24 @@ def test_an_undone_update_leaves_the_state_as_it_was(monkeypatch):
 
 
 @pytest.mark.parametrize("free_gradients", [False, True])
-def test_resume_from_a_weights_only_checkpoint_is_bitwise(tmp_path, free_gradients):
+def test_resume_from_a_weights_only_checkpoint_is_bitwise(free_gradients):
     def make(p):
         return dst_prune.optim.AdamW(p, lr=1e-2, weight_decay=0.1, amsgrad=True, free_gradients=free_gradients)
 
     straight = Run(make, "rigl").train(9)
     first = Run(make, "rigl").train(5)  # stops right after an update (step 4) and one step more
-    torch.save({"model": first.model.state_dict(), "dst": first.dst.state_dict(),
-                "optimizer": first.optimizer.state_dict()}, tmp_path / "checkpoint.pt")
-    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
-    resumed = Run(make, "rigl")
-    resumed.model.load_state_dict(saved["model"])
-    resumed.dst.load_state_dict(saved["dst"])
-    resumed.optimizer.load_state_dict(saved["optimizer"])
+    resumed = resumed_from(first, make, "rigl")
     state = resumed.optimizer.state[resumed.dst.targets[0].param]
     assert state["active_indices"].dtype == torch.int32  # not cast to the parameter's dtype
-    resumed.step_index = 5
     resumed.train(4)
-    resumed.masks = first.masks + resumed.masks
     assert_same(resumed, straight, exact=True)
 
 
 def test_a_checkpoint_taken_between_update_and_next_step_resumes_bitwise():
     straight = Run(OPTIMIZERS["sgd"][1], "set").train(8)
     first = Run(OPTIMIZERS["sgd"][1], "set").train(4)  # the update of step 4 changed masks; no remap yet
-    buffer = io.BytesIO()
-    torch.save({"dst": first.dst.state_dict(), "optimizer": first.optimizer.state_dict(),
-                "model": first.model.state_dict()}, buffer)
-    buffer.seek(0)
-    saved = torch.load(buffer, weights_only=True)
-    resumed = Run(OPTIMIZERS["sgd"][1], "set")
-    resumed.model.load_state_dict(saved["model"])
-    resumed.dst.load_state_dict(saved["dst"])
-    resumed.optimizer.load_state_dict(saved["optimizer"])
-    resumed.step_index = 4
+    resumed = resumed_from(first, OPTIMIZERS["sgd"][1], "set")
     resumed.train(4)
-    resumed.masks = first.masks + resumed.masks
     assert_same(resumed, straight, exact=True)
 
 

@@ -13,23 +13,10 @@ import dst_prune
 import dst_prune.optim
 
 transformers = pytest.importorskip("transformers")
-from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
+from test_hf import data, gpt2  # noqa: E402  (the same tiny GPT-2 and token data)
+from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
 from dst_prune.integrations.hf import DSTCallback  # noqa: E402
-
-VOCAB = 64
-
-
-def gpt2() -> GPT2LMHeadModel:
-    torch.manual_seed(0)
-    return GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=32, n_layer=2, n_head=2,
-                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, eos_token_id=0,
-                                      bos_token_id=0))
-
-
-def data(n: int = 32) -> list[dict]:
-    g = torch.Generator().manual_seed(0)
-    return [{"input_ids": (ids := torch.randint(0, VOCAB, (16,), generator=g)), "labels": ids} for _ in range(n)]
 
 
 class Snapshot(TrainerCallback):
@@ -56,7 +43,7 @@ def train(output, make_optimizer, *, resume: str | None = None, stop_at: int | N
     args = TrainingArguments(**{"output_dir": str(output), "max_steps": 8, "per_device_train_batch_size": 4,
                                 "gradient_accumulation_steps": 2, "save_steps": 4, "report_to": [], "use_cpu": True,
                                 "disable_tqdm": True, "logging_steps": 1000, "seed": 0, **overrides})
-    trainer = Trainer(model=model, args=args, train_dataset=data(), optimizers=(optimizer, None),
+    trainer = Trainer(model=model, args=args, train_dataset=data(32), optimizers=(optimizer, None),
                       callbacks=[callback, *callbacks, *([StopAt(stop_at)] if stop_at else [])])
     trainer.train(resume_from_checkpoint=resume)
     return model, callback.dst, optimizer
